@@ -1,0 +1,137 @@
+"""Shared pieces of the configs in `configs/`.
+
+Every hyper-parameter of the method is a field here, so any of them can be overridden on the
+command line (`--config.loss.tau=0.1`). Fields tagged [ours] in docs/method.md are our
+reconstruction of the paper; they are options so that users can switch them.
+
+Variants are chosen with a `:arg` suffix on the config path, e.g. `configs/seqattr.py:demo`.
+"""
+
+import ml_collections
+
+from cmil_jax import labels
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Paper recipe (method.md section 7) for the Seq-DeepFake subsets."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.backbone = "resnet50"
+    c.model.backbone_width = 64  # base width of ResNets (64 = torchvision)
+    c.model.dilate_last = False  # [ours] stride 16 instead of 32 in the last stage
+    c.model.width = 384  # [ours] transformer width d
+    c.model.num_heads = 6  # [ours]
+    c.model.mlp_ratio = 4.0  # [ours]
+    c.model.embed_dim = 128  # [ours] MIL embedding size d_e
+    c.model.patch_pool = "mean"  # [ours] z^V pooling: mean | lse | max
+    c.model.pool_temperature = 1.0  # [ours] temperature of the lse pooling
+    c.model.mil_bias_init = 0.5  # [ours] initial b of the MIL fake probability
+    c.model.num_class_tokens = labels.NUM_CLASSES  # K = C (paper); 1 in binary mode
+    c.model.num_classes = labels.NUM_CLASSES  # C
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+    c.model.init_from = ""  # directory of converted backbone weights (optional)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "seq_deepfake/facial_attributes"  # TFDS name/config
+    c.data.subset = "facial_attributes"
+    c.data.data_dir = "~/tensorflow_datasets"
+    c.data.image_size = 256
+    c.data.train_split = "train"
+    c.data.val_split = "val"
+    c.data.test_split = "test"
+    c.data.triples = False  # genuine / SBI / fake triples (method.md section 5)
+    c.data.num_workers = 8  # grain worker processes (0 = in the main process)
+    c.data.prefetch = 2  # batches kept on the device ahead of the step
+    # Built-in synthetic data (only read when data.name starts with "cmil_synthetic").
+    c.data.synthetic = ml_collections.ConfigDict()
+    c.data.synthetic.num_train = 20000
+    c.data.synthetic.num_val = 1000
+    c.data.synthetic.num_test = 2000
+    c.data.synthetic.seed = 0
+    # Weak augmentation (method.md section 5); fields of cmil_jax.data.augment.AugmentConfig.
+    c.data.augment = ml_collections.ConfigDict()
+    c.data.augment.flip_p = 0.5
+    c.data.augment.crop_mode = "resized"  # resized | pad | none
+    c.data.augment.crop_p = 1.0
+    c.data.augment.crop_scale = (0.8, 1.0)  # area fraction of the random-resized crop
+    c.data.augment.crop_ratio = (0.9, 1.0 / 0.9)
+    c.data.augment.crop_pad = 0.0625  # pad mode: reflection padding, fraction of the side
+    c.data.augment.jitter_p = 0.8
+    c.data.augment.brightness = 0.15
+    c.data.augment.contrast = 0.15
+    c.data.augment.saturation = 0.15
+    c.data.augment.hue = 0.02  # fraction of the colour circle
+    c.data.augment.blur_p = 0.2
+    c.data.augment.blur_sigma = (0.1, 1.2)
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.alpha = 1.0  # weight of L_CLS [paper]
+    c.loss.lambda1 = 1.0  # weight of L_BCE^U + L_BCE^V [paper]
+    c.loss.lambda2 = 1.0  # weight of L_Rank [paper]
+    c.loss.tau = 0.2  # temperature of the sorted-similarity MIL [paper]
+    c.loss.num_lowest = 0  # M_k lowest similarities used; 0 = N (patch count) [ours]
+    c.loss.rank_order = "first_high"  # first_high | last_high [ours]
+    c.loss.use_rank = True  # False in binary mode
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 64  # global batch (images; triples mode: triples)
+    c.train.num_epochs = 200  # used when num_steps == 0
+    c.train.num_steps = 0
+    c.train.lr = 1e-4
+    c.train.backbone_lr_mult = 0.1
+    c.train.weight_decay = 0.05
+    c.train.warmup_steps = 1000  # [ours]
+    c.train.b1 = 0.9
+    c.train.b2 = 0.999
+    c.train.grad_clip = 0.0  # global-norm clip; 0 = off
+    c.train.log_every = 100
+    c.train.eval_every = 2000
+    c.train.checkpoint_every = 2000
+    c.train.keep_checkpoints = 2
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 128
+    c.eval.threshold = 0.5  # p_k > threshold -> class k predicted [ours]
+    c.eval.gate_by_fake_prob = False  # zero the sequence when the MIL p(x) < 0.5 [ours]
+    c.eval.select_metrics = "fixed_acc,adaptive_acc"  # best checkpoint kept per metric (on val)
+    return c
+
+
+def seq_config(subset: str, arg: str | None) -> ml_collections.ConfigDict:
+    """Config for a Seq-DeepFake subset; `arg` = None | 'demo'."""
+    c = base_config()
+    c.data.subset = subset
+    c.data.name = f"seq_deepfake/{subset}"
+    if arg in (None, "", "paper"):
+        return c
+    if arg == "demo":
+        return apply_demo(c)
+    raise ValueError(f"unknown config variant {arg!r}; expected '' or 'demo'")
+
+
+def apply_demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Small CPU-friendly run on the built-in synthetic faces (minutes on 2 cores)."""
+    c.data.name = f"cmil_synthetic/{c.data.subset}"
+    c.data.data_dir = ""  # empty: <workdir>/data
+    c.data.image_size = 96
+    c.data.num_workers = 1
+    c.data.synthetic.num_train = 6000
+    c.data.synthetic.num_val = 500
+    c.data.synthetic.num_test = 1000
+    c.model.backbone = "resnet10"
+    c.model.backbone_width = 16
+    c.model.dilate_last = True
+    c.model.width = 192
+    c.model.num_heads = 6
+    c.train.batch_size = 32
+    c.train.num_steps = 2000
+    c.train.lr = 1e-3
+    c.train.backbone_lr_mult = 1.0  # no pretrained backbone in the demo
+    c.train.warmup_steps = 100
+    c.train.log_every = 50
+    c.train.eval_every = 500
+    c.train.checkpoint_every = 500
+    c.eval.batch_size = 100
+    return c

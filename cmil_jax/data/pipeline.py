@@ -1,0 +1,333 @@
+"""grain input pipelines: training (plain or triples) and evaluation.
+
+Batches are dicts of numpy arrays (contract):
+  image    uint8 (B,S,S,3)  RGB, 0..255; normalisation happens on the device, in the model
+  label    int32 (B,5)      manipulation sequence, 0-padded
+  is_fake  int32 (B,)
+  mask     uint8 (B,S,S)    manipulation / SBI blend mask 0..255, 0 where genuine
+  has_seq  float32 (B,)     1 where the sequence label is valid (Seq-DeepFake), 0 for binary-only
+  valid    float32 (B,)     eval only: 0 marks padding examples in the last batch
+  index    int32 (B,)       eval only: record index in the split (-1 for padding)
+
+Decoding, SBI and augmentation run in ``num_workers`` grain worker processes (spawned; 0 = in
+this process, on ``num_threads`` threads). Each element's randomness comes from grain's
+per-index generator, and batching happens before the worker split, so a given seed yields the
+same batches for any worker count. Spawned workers re-import the main module: scripts that use
+workers need an ``if __name__ == "__main__"`` guard (absl apps have one). Close iterators
+with workers (``it.close()``) when done.
+
+Checkpointing the training iterator (a ``grain.DatasetIterator``) in orbax, next to the model::
+
+    import grain, orbax.checkpoint as ocp
+    it = iter(make_train_dataset(...))
+    mngr = ocp.CheckpointManager(ckpt_dir, item_names=("state", "data"))
+    mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(train_state), data=grain.checkpoint.CheckpointSave(it)))
+    ...
+    it = iter(make_train_dataset(...))          # same arguments
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=grain.checkpoint.CheckpointRestore(it)))
+    it = restored["data"]                       # continues with the batch after `step`
+
+grain's handler writes one JSON file per process (``process_<i>-of-<n>.json``); the state
+counts batches consumed by the caller, not those prefetched. Without orbax use
+``iterator_state`` / ``restore_iterator`` (a JSON-serialisable dict).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import cv2
+import grain
+import numpy as np
+
+from cmil_jax.data import augment as augment_lib
+from cmil_jax.labels import MAX_LEN
+
+TRAIN_KEYS = ("image", "label", "is_fake", "mask", "has_seq")
+
+_CV2_SINGLE_THREAD = False
+
+
+def _cv2_single_thread():
+    """Stop OpenCV from spawning its own threads (workers and reader threads do the parallelism)."""
+    global _CV2_SINGLE_THREAD
+    if not _CV2_SINGLE_THREAD:
+        cv2.setNumThreads(0)
+        _CV2_SINGLE_THREAD = True
+
+
+def worker_init(worker_index: int, worker_count: int) -> None:
+    """grain worker initialiser."""
+    del worker_index, worker_count
+    _cv2_single_thread()
+
+
+# --------------------------------------------------------------------------------------------
+# Per-example transforms (picklable classes, run in the workers)
+
+
+def _mask_uint8(mask, shape) -> np.ndarray:
+    """uint8 (H,W) mask from None / bool / float [0,1] / uint8 input."""
+    if mask is None:
+        return np.zeros(shape, np.uint8)
+    mask = np.asarray(mask)
+    if mask.ndim == 3:
+        mask = mask[..., 0]
+    if mask.dtype == np.uint8:
+        return mask
+    if mask.dtype == bool:
+        return mask.astype(np.uint8) * 255
+    return np.clip(np.rint(mask.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
+
+
+def _out(image, mask, label, is_fake, has_seq) -> dict[str, np.ndarray]:
+    return {
+        "image": image,
+        "label": np.asarray(label, np.int32).reshape(MAX_LEN),
+        "is_fake": np.int32(is_fake),
+        "mask": mask,
+        "has_seq": np.float32(has_seq),
+    }
+
+
+class _AugmentExample:
+    """Decoded record -> weakly augmented training example at image_size."""
+
+    def __init__(self, image_size: int, cfg: augment_lib.AugmentConfig, has_seq: bool):
+        self.image_size = image_size
+        self.cfg = cfg
+        self.has_seq = float(has_seq)
+
+    def __call__(self, ex: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        _cv2_single_thread()
+        mask = _mask_uint8(ex.get("mask"), ex["image"].shape[:2])
+        image, mask, _ = augment_lib.weak_augment(ex["image"], rng, self.cfg,
+                                                  image_size=self.image_size, mask=mask)
+        is_fake = ex.get("is_fake", np.any(ex["label"]))
+        return _out(image, mask, ex["label"], is_fake, self.has_seq)
+
+
+class _TripleExample:
+    """Index j of the originals -> (genuine, SBI pseudo-fake, dataset fake), stacked on axis 0."""
+
+    def __init__(self, source, originals: np.ndarray, fakes: np.ndarray, image_size: int,
+                 cfg: augment_lib.AugmentConfig, has_seq: bool):
+        self.source = source
+        self.originals = originals
+        self.fakes = fakes
+        self.image_size = image_size
+        self.cfg = cfg
+        self.has_seq = float(has_seq)
+
+    def __call__(self, j: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        from cmil_jax.data.sbi import self_blend
+
+        _cv2_single_thread()
+        index = int(self.originals[j])
+        genuine = self.source[index]
+        fake = self.source[int(self.fakes[rng.integers(len(self.fakes))])]
+        try:
+            real_img, sbi_img, sbi_mask = self_blend(genuine["image"], genuine["landmarks"], rng)
+        except ValueError as e:  # e.g. degenerate landmarks
+            raise ValueError(f"SBI failed on record {index} ({genuine.get('path', '?')}) "
+                             f"of {self.source!r}: {e}") from e
+        shape = real_img.shape[:2]
+        zeros = np.zeros(MAX_LEN, np.int32)
+        parts = [
+            (real_img, np.zeros(shape, np.uint8), zeros, 0),
+            (sbi_img, _mask_uint8(sbi_mask, shape), zeros, 1),
+            (fake["image"], _mask_uint8(fake.get("mask"), fake["image"].shape[:2]),
+             fake["label"], 1),
+        ]
+        outs = []
+        for image, mask, label, is_fake in parts:
+            image, mask, _ = augment_lib.weak_augment(
+                np.asarray(image, np.uint8), rng, self.cfg, image_size=self.image_size, mask=mask)
+            outs.append(_out(image, mask, label, is_fake, self.has_seq))
+        return {k: np.stack([o[k] for o in outs]) for k in TRAIN_KEYS}
+
+
+def _concat_triples(elements: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """B triples (each with leading axis 3) -> one batch of 3B images, triple-major."""
+    return {k: np.concatenate([e[k] for e in elements]) for k in elements[0]}
+
+
+class _EvalExample:
+    """Position i of the (padded) evaluation order -> resized example with a 'valid' flag."""
+
+    def __init__(self, source, indices: np.ndarray, image_size: int, has_seq: bool):
+        self.source = source
+        self.indices = indices
+        self.image_size = image_size
+        self.has_seq = float(has_seq)
+
+    def __call__(self, i: int) -> dict[str, np.ndarray]:
+        _cv2_single_thread()
+        s = self.image_size
+        index = int(self.indices[i]) if i < len(self.indices) else -1
+        if index < 0:
+            out = _out(np.zeros((s, s, 3), np.uint8), np.zeros((s, s), np.uint8),
+                       np.zeros(MAX_LEN, np.int32), 0, 0.0)
+            out.update(valid=np.float32(0.0), index=np.int32(-1))
+            return out
+        ex = self.source[index]
+        image = augment_lib.resize(ex["image"], s)
+        mask = augment_lib.resize_mask(_mask_uint8(ex.get("mask"), ex["image"].shape[:2]), s)
+        is_fake = ex.get("is_fake", np.any(ex["label"]))
+        out = _out(image, mask, ex["label"], is_fake, self.has_seq)
+        out.update(valid=np.float32(1.0), index=np.int32(index))
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Sharding and the grain tail
+
+
+def process_shard(shard: bool = True) -> tuple[int, int]:
+    """(shard_index, shard_count) of this JAX process; (0, 1) when not sharding."""
+    if not shard:
+        return 0, 1
+    opts = grain.sharding.ShardByJaxProcess(drop_remainder=True)
+    return opts.shard_index, opts.shard_count
+
+
+def _shard_indices(n: int, shard: bool) -> np.ndarray:
+    """Strided, equal-size share of range(n) for this process (drops < shard_count items)."""
+    index, count = process_shard(shard)
+    per = n // count
+    return np.arange(index, per * count, count, dtype=np.int64)
+
+
+def _ensure_absl_flags_parsed():
+    """grain reads absl flags in mp_prefetch; outside an absl app (tests, notebooks): defaults."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _to_iter(ds: grain.MapDataset, num_workers: int, num_threads: int,
+             prefetch: int) -> grain.IterDataset:
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, num_threads),
+                                                 prefetch_buffer_size=max(1, prefetch)))
+    if num_workers > 0:
+        _ensure_absl_flags_parsed()
+        it_ds = it_ds.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch),
+            worker_init_fn=worker_init)
+    return it_ds
+
+
+def _labels_and_fake(source) -> tuple[np.ndarray, np.ndarray]:
+    """(labels (N,5), is_fake (N,)) without decoding images when the source allows it."""
+    if hasattr(source, "labels"):
+        labels = np.asarray(source.labels(), np.int32)
+        is_fake = np.asarray(source.is_fake(), np.int32) if hasattr(source, "is_fake") \
+            else labels.any(axis=1).astype(np.int32)
+        return labels, is_fake
+    exs = [source[i] for i in range(len(source))]
+    labels = np.stack([np.asarray(e["label"], np.int32) for e in exs])
+    is_fake = np.array([int(e.get("is_fake", np.any(e["label"]))) for e in exs], np.int32)
+    return labels, is_fake
+
+
+# --------------------------------------------------------------------------------------------
+# Public pipelines
+
+
+def make_train_dataset(source, *, batch_size: int, seed: int, image_size: int,
+                       augment_cfg=None, shard: bool = True, num_workers: int = 0,
+                       num_threads: int = 2, prefetch: int = 4,
+                       has_seq: bool = True) -> grain.IterDataset:
+    """Infinite shuffled training batches of single images (contract keys, see module doc).
+
+    source: random-access dataset (``open_split``) of decoded records. batch_size: per process.
+    With ``shard`` and several JAX processes, each process reads a disjoint 1/P of the source.
+    ``iter(...)`` gives a checkpointable ``grain.DatasetIterator``.
+    """
+    cfg = augment_lib.as_config(augment_cfg)
+    ds = grain.MapDataset.source(source)
+    index, count = process_shard(shard)
+    if count > 1:
+        ds = ds[index:(len(source) // count) * count:count]
+    ds = (ds.seed(seed).shuffle().repeat()
+          .random_map(_AugmentExample(image_size, cfg, has_seq))
+          .batch(batch_size, drop_remainder=True))
+    return _to_iter(ds, num_workers, num_threads, prefetch)
+
+
+def make_triple_train_dataset(source, *, batch_size: int, seed: int, image_size: int,
+                              augment_cfg=None, shard: bool = True, num_workers: int = 0,
+                              num_threads: int = 2, prefetch: int = 4,
+                              has_seq: bool = True) -> grain.IterDataset:
+    """Infinite batches of training triples (method.md section 5), 3*batch_size images each.
+
+    One epoch = one pass over the shuffled genuine images. Triple t fills rows 3t, 3t+1, 3t+2:
+      3t    genuine x_r (the 'real' output of self_blend), label 0s, is_fake 0, mask 0
+      3t+1  SBI(x_r) (cmil_jax.data.sbi.self_blend), label 0s, is_fake 1, mask = blend mask
+      3t+2  a uniformly drawn manipulated image, its label, is_fake 1, its manipulation mask
+    Each image is weakly augmented independently. Genuine / fake index lists come from the
+    stored labels (no image decoding). ``has_seq`` is the same for all three rows.
+    """
+    cfg = augment_lib.as_config(augment_cfg)
+    _, is_fake = _labels_and_fake(source)
+    originals = np.flatnonzero(is_fake == 0)
+    fakes = np.flatnonzero(is_fake != 0)
+    if len(originals) == 0 or len(fakes) == 0:
+        raise ValueError(f"triples need genuine and fake images; {source!r} has "
+                         f"{len(originals)} genuine and {len(fakes)} fake")
+    if process_shard(shard)[1] > 1:
+        originals = originals[_shard_indices(len(originals), True)]
+        fakes = fakes[_shard_indices(len(fakes), True)]
+    ds = (grain.MapDataset.range(len(originals)).seed(seed).shuffle().repeat()
+          .random_map(_TripleExample(source, originals, fakes, image_size, cfg, has_seq))
+          .batch(batch_size, drop_remainder=True, batch_fn=_concat_triples))
+    return _to_iter(ds, num_workers, num_threads, prefetch)
+
+
+def eval_num_batches(num_examples: int, batch_size: int, shard: bool = True) -> int:
+    """Batches per process of ``make_eval_dataset`` (equal on all processes)."""
+    _, count = process_shard(shard)
+    return math.ceil(math.ceil(num_examples / count) / batch_size)
+
+
+def make_eval_dataset(source, *, batch_size: int, image_size: int, shard: bool = True,
+                      num_workers: int = 0, num_threads: int = 2, prefetch: int = 4,
+                      has_seq: bool = True) -> grain.IterDataset:
+    """One deterministic pass in record order, resized to image_size, no augmentation.
+
+    The last batch is padded to batch_size with zero examples whose 'valid' is 0 (and
+    'index' -1). With several JAX processes each takes records p, p+P, ... and all get the
+    same number of batches (``eval_num_batches``).
+    """
+    n = len(source)
+    index, count = process_shard(shard)
+    indices = np.arange(index, n, count, dtype=np.int64)
+    padded = eval_num_batches(n, batch_size, shard) * batch_size
+    ds = (grain.MapDataset.range(padded)
+          .map(_EvalExample(source, indices, image_size, has_seq))
+          .batch(batch_size, drop_remainder=False))
+    return _to_iter(ds, num_workers, num_threads, prefetch)
+
+
+# --------------------------------------------------------------------------------------------
+# Iterator state without orbax
+
+
+def iterator_state(it: grain.DatasetIterator) -> dict[str, Any]:
+    """JSON-serialisable position of a grain iterator (``json.dumps`` it to store)."""
+    return it.get_state()
+
+
+def restore_iterator(it: grain.DatasetIterator, state: dict[str, Any] | str | bytes):
+    """Move ``it`` (a fresh iterator of the same pipeline) to ``state``; returns ``it``."""
+    if isinstance(state, (str, bytes)):
+        state = json.loads(state)
+    it.set_state(state)
+    return it

@@ -1,0 +1,7 @@
+"""Seq-DeepFake, facial_attributes: `--config configs/seqattr.py` (paper recipe) or `configs/seqattr.py:demo`."""
+
+from cmil_jax import config_base
+
+
+def get_config(arg=None):
+  return config_base.seq_config("facial_attributes", arg)

@@ -1,0 +1,7 @@
+"""Seq-DeepFake, facial_components: `--config configs/seqcomp.py` (paper recipe) or `configs/seqcomp.py:demo`."""
+
+from cmil_jax import config_base
+
+
+def get_config(arg=None):
+  return config_base.seq_config("facial_components", arg)

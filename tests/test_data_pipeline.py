@@ -1,0 +1,306 @@
+"""Tests of the TFDS/ArrayRecord sources, weak augmentation and the grain pipelines (64 px)."""
+
+import importlib.util
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from cmil_jax.data import augment, pipeline, sources
+
+SUBSET = "facial_components"
+SIZE = 64
+N_TRAIN, N_VAL, N_TEST = 24, 4, 7
+
+
+def _have(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
+
+
+# ---- stand-ins used only when synthetic.py / sbi.py are not in the tree ---------------------
+
+
+def _fixture_generate_example(subset, index, seed=0, image_size=256):
+    """Tiny deterministic face-like example with the generate_example contract."""
+    rng = np.random.default_rng([seed, index])
+    s = image_size
+    label = np.zeros(5, np.int32)
+    k = index % 3  # 1 original : 2 fakes
+    if k:
+        label[:k] = rng.permutation(5)[:k] + 1
+    yy, xx = np.mgrid[:s, :s]
+    face = ((xx - s / 2) ** 2 / (0.3 * s) ** 2 + (yy - s / 2) ** 2 / (0.4 * s) ** 2) < 1
+    image = rng.integers(0, 60, (s, s, 3), dtype=np.uint8)
+    image[face] = rng.integers(120, 220, 3, dtype=np.uint8)
+    mask = np.zeros((s, s), np.uint8)
+    if k:
+        mask[s // 3: s // 2, s // 4: 3 * s // 4] = 255
+        image[mask > 0] //= 2
+    t = np.linspace(0, 2 * np.pi, 68, endpoint=False)
+    landmarks = np.stack([s / 2 + 0.25 * s * np.cos(t), s / 2 + 0.35 * s * np.sin(t)], 1)
+    return {"image": image, "label": label, "landmarks": landmarks.astype(np.float32),
+            "mask": mask, "face_mask": face.astype(np.uint8) * 255}
+
+
+def _fixture_self_blend(image, landmarks, rng):
+    """Stand-in SBI: darkened centre blended with a soft mask; returns (real, fake, mask)."""
+    s = image.shape[0]
+    mask = np.zeros(image.shape[:2], np.float32)
+    mask[s // 4: 3 * s // 4, s // 4: 3 * s // 4] = rng.uniform(0.5, 1.0)
+    fake = (image * (1 - 0.3 * mask[..., None])).astype(np.uint8)
+    return image.copy(), fake, mask
+
+
+@pytest.fixture(scope="module")
+def synthetic_module():
+    if _have("cmil_jax.data.synthetic"):
+        yield importlib.import_module("cmil_jax.data.synthetic")
+        return
+    mod = types.ModuleType("cmil_jax.data.synthetic")
+    mod.generate_example = _fixture_generate_example
+    sys.modules["cmil_jax.data.synthetic"] = mod
+    yield mod
+    del sys.modules["cmil_jax.data.synthetic"]
+
+
+@pytest.fixture(scope="module")
+def sbi_module():
+    if _have("cmil_jax.data.sbi"):
+        yield importlib.import_module("cmil_jax.data.sbi")
+        return
+    mod = types.ModuleType("cmil_jax.data.sbi")
+    mod.self_blend = _fixture_self_blend
+    sys.modules["cmil_jax.data.sbi"] = mod
+    yield mod
+    del sys.modules["cmil_jax.data.sbi"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, synthetic_module):
+    data_dir = tmp_path_factory.mktemp("tfds")
+    name = sources.build_synthetic(data_dir, SUBSET, SIZE, N_TRAIN, N_VAL, N_TEST, num_workers=1)
+    return str(data_dir), name
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def _assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+# ---- sources --------------------------------------------------------------------------------
+
+
+def test_build_and_read_back(built, synthetic_module):
+    data_dir, name = built
+    assert name == sources.synthetic_name(SUBSET, SIZE, N_TRAIN, N_VAL, N_TEST)
+    # A second call finds the complete dataset and does nothing.
+    assert sources.build_synthetic(data_dir, SUBSET, SIZE, N_TRAIN, N_VAL, N_TEST) == name
+    for split, n in (("train", N_TRAIN), ("val", N_VAL), ("test", N_TEST)):
+        src = sources.open_split(data_dir, name, split)
+        assert len(src) == n
+        for i in (0, n - 1):
+            ex = src[i]
+            ref = synthetic_module.generate_example(
+                SUBSET, sources.SPLIT_OFFSETS[split] + i, seed=0, image_size=SIZE)
+            assert ex["image"].dtype == np.uint8 and ex["image"].shape == (SIZE, SIZE, 3)
+            assert ex["mask"].dtype == np.uint8 and ex["mask"].shape == (SIZE, SIZE)
+            assert ex["label"].dtype == np.int32 and ex["label"].shape == (5,)
+            assert ex["landmarks"].dtype == np.float32 and ex["landmarks"].shape == (68, 2)
+            np.testing.assert_array_equal(ex["image"], ref["image"])  # PNG is lossless
+            np.testing.assert_array_equal(ex["mask"], ref["mask"])
+            np.testing.assert_array_equal(ex["label"], ref["label"])
+            np.testing.assert_allclose(ex["landmarks"], ref["landmarks"], rtol=1e-6)
+            assert ex["is_fake"] == int(np.any(ref["label"]))
+        labels = src.labels()
+        assert labels.shape == (n, 5) and labels.dtype == np.int32
+        np.testing.assert_array_equal(labels[0], src[0]["label"])
+
+
+def test_missing_dataset_names_path_and_command(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        sources.open_split(tmp_path, "seq_deepfake/facial_components", "train")
+    msg = str(e.value)
+    assert str(tmp_path / "seq_deepfake" / "facial_components") in msg
+    assert "python -m data_prep.seq_deepfake --raw-dir RAW --data-dir" in msg
+    with pytest.raises(FileNotFoundError, match="built automatically"):
+        sources.open_split(tmp_path, sources.synthetic_name(SUBSET, 64, 1, 1, 1), "val")
+
+
+def test_unknown_split_and_corrupt_record(built):
+    data_dir, name = built
+    with pytest.raises(ValueError, match="no split 'nope'"):
+        sources.open_split(data_dir, name, "nope")
+    src = sources.open_split(data_dir, name, "val")
+    rec = dict(src.raw(1), image=b"not an image")
+    src._ds = [src.raw(0), rec]  # simulate a damaged record 1
+    with pytest.raises(sources.DataError, match=r"split 'val' record 1"):
+        src[1]
+
+
+# ---- augmentation ---------------------------------------------------------------------------
+
+
+def test_flip_permutation_is_a_mirror_involution():
+    p = augment.FLIP_PERMUTATION_68
+    assert (p[p] == np.arange(68)).all()
+    assert p[0] == 16 and p[36] == 45 and p[48] == 54 and p[30] == 30 and p[66] == 66
+
+
+def test_flip_permutation_agrees_with_sbi(sbi_module):
+    if hasattr(sbi_module, "FLIP_PERMUTATION_68"):
+        np.testing.assert_array_equal(sbi_module.FLIP_PERMUTATION_68, augment.FLIP_PERMUTATION_68)
+
+
+def test_augment_shapes_dtypes_and_flip():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (80, 80, 3), dtype=np.uint8)
+    mask = np.zeros((80, 80), np.uint8)
+    mask[10:30, 5:20] = 255
+    lm = rng.uniform(0, 79, (68, 2)).astype(np.float32)
+    for mode in ("resized", "pad", "none"):
+        cfg = augment.AugmentConfig(crop_mode=mode, jitter_p=1.0, blur_p=1.0)
+        for _ in range(5):
+            img, m, l2 = augment.weak_augment(image, rng, cfg, image_size=SIZE, mask=mask,
+                                              landmarks=lm)
+            assert img.shape == (SIZE, SIZE, 3) and img.dtype == np.uint8
+            assert m.shape == (SIZE, SIZE) and m.dtype == np.uint8
+            assert l2.shape == (68, 2) and l2.dtype == np.float32
+    flip_only = augment.AugmentConfig(flip_p=1.0, crop_mode="none", jitter_p=0.0, blur_p=0.0)
+    img, m, l2 = augment.weak_augment(image, rng, flip_only, mask=mask, landmarks=lm)
+    np.testing.assert_array_equal(img, image[:, ::-1])
+    np.testing.assert_array_equal(m, mask[:, ::-1])
+    np.testing.assert_allclose(l2[augment.FLIP_PERMUTATION_68, 0], 79 - lm[:, 0])
+    # Zero magnitudes are the identity; saturation and hue keep grey pixels grey.
+    still = augment.AugmentConfig(brightness=0, contrast=0, saturation=0, hue=0)
+    np.testing.assert_array_equal(augment.color_jitter(image, rng, still), image)
+    grey = np.full((4, 4, 3), 100, np.uint8)
+    tint = augment.AugmentConfig(brightness=0, contrast=0, saturation=0.5, hue=0.2)
+    np.testing.assert_array_equal(augment.color_jitter(grey, rng, tint), grey)
+    # Same generator state -> same output.
+    a = augment.weak_augment(image, np.random.default_rng(3), None, image_size=SIZE)[0]
+    b = augment.weak_augment(image, np.random.default_rng(3), None, image_size=SIZE)[0]
+    np.testing.assert_array_equal(a, b)
+    # Dict overrides are accepted.
+    assert augment.as_config({"blur_sigma": [0.5, 1.0]}).blur_sigma == (0.5, 1.0)
+
+
+# ---- pipelines ------------------------------------------------------------------------------
+
+
+def test_train_batches_contract_and_determinism(built):
+    data_dir, name = built
+    src = sources.open_split(data_dir, name, "train")
+    kw = {"batch_size": 8, "image_size": 48, "augment_cfg": None, "shard": True}
+    a = _take(iter(pipeline.make_train_dataset(src, seed=1, **kw)), 4)
+    b = _take(iter(pipeline.make_train_dataset(src, seed=1, **kw)), 4)
+    c = _take(iter(pipeline.make_train_dataset(src, seed=2, **kw)), 1)
+    _assert_batches_equal(a, b)
+    assert not np.array_equal(a[0]["image"], c[0]["image"])
+    batch = a[0]
+    assert set(batch) == set(pipeline.TRAIN_KEYS)
+    assert batch["image"].shape == (8, 48, 48, 3) and batch["image"].dtype == np.uint8
+    assert batch["label"].shape == (8, 5) and batch["label"].dtype == np.int32
+    assert batch["is_fake"].shape == (8,) and batch["is_fake"].dtype == np.int32
+    assert batch["mask"].shape == (8, 48, 48) and batch["mask"].dtype == np.uint8
+    assert batch["has_seq"].shape == (8,) and batch["has_seq"].dtype == np.float32
+    np.testing.assert_array_equal(batch["is_fake"], batch["label"].any(1))
+    # One epoch (3 batches of 8 = 24) visits every record once.
+    labels = src.labels()
+    seen = np.concatenate([x["label"] for x in a[:3]])
+    assert sorted(map(tuple, seen)) == sorted(map(tuple, labels))
+
+
+def test_iterator_state_resumes_at_same_batch(built, tmp_path):
+    data_dir, name = built
+    src = sources.open_split(data_dir, name, "train")
+
+    def make():
+        return iter(pipeline.make_train_dataset(src, batch_size=4, seed=0, image_size=32))
+
+    it = make()
+    _take(it, 5)  # crosses an epoch boundary (6 batches per epoch)
+    state = json.dumps(pipeline.iterator_state(it))
+    expected = _take(it, 3)
+    resumed = pipeline.restore_iterator(make(), state)
+    _assert_batches_equal(_take(resumed, 3), expected)
+
+    # The same through orbax, with grain's checkpoint handler.
+    import grain
+    import orbax.checkpoint as ocp
+
+    it = make()
+    _take(it, 2)
+    with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data",)) as mngr:
+        mngr.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+        mngr.wait_until_finished()
+        expected = _take(it, 2)
+        restored = mngr.restore(2, args=ocp.args.Composite(
+            data=grain.checkpoint.CheckpointRestore(make())))
+    _assert_batches_equal(_take(restored["data"], 2), expected)
+
+
+def test_eval_pads_last_batch_with_valid_flag(built):
+    data_dir, name = built
+    src = sources.open_split(data_dir, name, "test")  # 7 records
+    batches = list(pipeline.make_eval_dataset(src, batch_size=4, image_size=40))
+    assert len(batches) == 2 == pipeline.eval_num_batches(7, 4)
+    np.testing.assert_array_equal(batches[0]["valid"], [1, 1, 1, 1])
+    np.testing.assert_array_equal(batches[1]["valid"], [1, 1, 1, 0])
+    np.testing.assert_array_equal(np.concatenate([b["index"] for b in batches]),
+                                  [0, 1, 2, 3, 4, 5, 6, -1])
+    assert batches[1]["image"].shape == (4, 40, 40, 3) and batches[1]["image"].dtype == np.uint8
+    assert batches[1]["has_seq"][3] == 0 and not batches[1]["image"][3].any()
+    labels = np.concatenate([b["label"] for b in batches])[:7]
+    np.testing.assert_array_equal(labels, src.labels())
+    # Deterministic: a second pass is identical.
+    _assert_batches_equal(batches, list(pipeline.make_eval_dataset(src, batch_size=4,
+                                                                   image_size=40)))
+
+
+def test_triples_composition_and_labels(built, sbi_module):
+    data_dir, name = built
+    src = sources.open_split(data_dir, name, "train")
+    ds = pipeline.make_triple_train_dataset(src, batch_size=3, seed=0, image_size=48)
+    batch = next(iter(ds))
+    assert batch["image"].shape == (9, 48, 48, 3) and batch["image"].dtype == np.uint8
+    assert batch["mask"].shape == (9, 48, 48) and batch["mask"].dtype == np.uint8
+    np.testing.assert_array_equal(batch["is_fake"], [0, 1, 1] * 3)
+    genuine, sbi, fake = (slice(r, None, 3) for r in range(3))
+    assert not batch["label"][genuine].any() and not batch["label"][sbi].any()
+    assert batch["label"][fake].any(axis=1).all()  # fakes carry non-empty sequences
+    assert not batch["mask"][genuine].any()
+    assert batch["mask"][sbi].reshape(3, -1).max(1).min() > 0
+    np.testing.assert_array_equal(batch["has_seq"], np.ones(9, np.float32))
+
+
+def test_two_workers_match_in_process(built):
+    data_dir, name = built
+    src = sources.open_split(data_dir, name, "train")
+    kw = {"batch_size": 4, "seed": 3, "image_size": 32}
+    ref = _take(iter(pipeline.make_train_dataset(src, num_workers=0, **kw)), 4)
+    it = iter(pipeline.make_train_dataset(src, num_workers=2, **kw))
+    try:
+        got = _take(it, 4)
+        state = it.get_state()
+    finally:
+        it.close()
+    _assert_batches_equal(got, ref)
+    it = pipeline.restore_iterator(iter(pipeline.make_train_dataset(src, num_workers=2, **kw)),
+                                   state)
+    try:
+        _assert_batches_equal(_take(it, 1), _take(iter(pipeline.make_train_dataset(
+            src, num_workers=0, **kw)), 5)[4:])
+    finally:
+        it.close()
