@@ -44,6 +44,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.triples = False  # genuine / SBI / fake triples (method.md section 5)
     c.data.num_workers = 8  # grain worker processes (0 = in the main process)
     c.data.prefetch = 2  # batches kept on the device ahead of the step
+    # Training skips unreadable/malformed records (replaced by the next good one, listed in
+    # <workdir>/bad_records*.jsonl, counted in the train metrics) and stops when more than
+    # this many were skipped; 0 = fail on the first one. Evaluation always fails on them.
+    c.data.max_bad_records = 100
     # Built-in synthetic data (only read when data.name starts with "cmil_synthetic").
     c.data.synthetic = ml_collections.ConfigDict()
     c.data.synthetic.num_train = 20000
@@ -90,6 +94,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 2000
     c.train.checkpoint_every = 2000
     c.train.keep_checkpoints = 2
+    # A step with a NaN/Inf loss or gradient is skipped (no update; counted as 'nonfinite' in
+    # the train metrics). This many in a row stop the run (checked every log_every steps);
+    # 0 = never stop.
+    c.train.max_nonfinite_steps = 10
+    c.train.debug_nonfinite_steps = ""  # testing hook: steps whose loss is set to NaN, "3,7-9"
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 128

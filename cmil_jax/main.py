@@ -4,6 +4,14 @@
                               checkpoint of each selection metric.
 --mode eval    tests the best checkpoints of an earlier run on the test split.
 Every config field can be overridden: --config.train.num_steps=100.
+
+Several processes (docs/distributed.md): each runs this same command. `jax.distributed` is
+initialised when --num_processes (or JAX_NUM_PROCESSES) is above 1, with --coordinator_address
+and --process_id (or JAX_COORDINATOR_ADDRESS, JAX_PROCESS_ID), or automatically under SLURM
+(SLURM_NTASKS > 1) and Open MPI.
+
+Exit status: 0 done or preempted (SIGTERM: checkpoint saved), 2 bad input (data, config,
+workdir), 3 stopped by non-finite losses.
 """
 
 import os
@@ -28,6 +36,15 @@ _CPU_ONEDNN = flags.DEFINE_bool(
     "On CPU, let XLA call oneDNN for convolutions and matmuls (about 1.5x faster train steps "
     "measured on our 2-core CPU; see benchmarks/RESULTS.md). No effect on GPU.",
 )
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (default: $JAX_COORDINATOR_ADDRESS)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Number of processes (default: $JAX_NUM_PROCESSES, or SLURM's)."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index, 0..num_processes-1 (default: $JAX_PROCESS_ID)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 ONEDNN_FLAG = "--xla_cpu_experimental_onednn_custom_call=true"
@@ -40,12 +57,29 @@ def _set_xla_flags():
         os.environ["XLA_FLAGS"] = f"{current} {ONEDNN_FLAG}".strip()
 
 
+def _flag_or_env(flag, env: str, cast=str):
+    if flag.value is not None:
+        return flag.value
+    return cast(os.environ[env]) if os.environ.get(env) else None
+
+
 def _maybe_initialize_distributed():
-    """Joins a multi-process run when the launcher says there is more than one process."""
+    """Joins a multi-process run when flags, JAX_* variables, SLURM or Open MPI say so."""
     import jax  # pylint: disable=import-outside-toplevel
 
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        jax.distributed.initialize()
+    num_processes = _flag_or_env(_NUM_PROCESSES, "JAX_NUM_PROCESSES", int)
+    launcher = (int(os.environ.get("SLURM_NTASKS", "1")) > 1
+                or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+    if not (num_processes or 1) > 1 and not launcher:
+        return
+    # CPU processes exchange collectives over gloo (GPUs use NCCL whatever this says).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Unset values are filled in by JAX's SLURM / Open MPI detection.
+    jax.distributed.initialize(
+        coordinator_address=_flag_or_env(_COORDINATOR, "JAX_COORDINATOR_ADDRESS"),
+        num_processes=num_processes,
+        process_id=_flag_or_env(_PROCESS_ID, "JAX_PROCESS_ID", int),
+    )
 
 
 def main(argv):
@@ -56,16 +90,22 @@ def main(argv):
     workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
     _set_xla_flags()
     _maybe_initialize_distributed()
-    from cmil_jax import train  # pylint: disable=import-outside-toplevel
+    # pylint: disable=import-outside-toplevel  (JAX must not start before the lines above)
+    from cmil_jax import faults
+    from cmil_jax import train
+    from cmil_jax.data import sources
 
     try:
         if _MODE.value == "train":
             train.train_and_evaluate(cfg, workdir)
         else:
             train.evaluate_best(cfg, workdir)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, faults.WorkdirError, sources.DataError, train.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except faults.NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

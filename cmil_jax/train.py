@@ -1,11 +1,15 @@
 """Training and evaluation loops.
 
 One training step, top to bottom:
-    host batch (uint8 images, labels)  --device_put, sharded over the 'data' axis-->
+    host batch (uint8 images, labels; this process's share of the global batch)
+        --jax.make_array_from_process_local_data, sharded over the 'data' mesh axis-->
     train_step: CMIL.apply (normalises, backbone, tokens, transformer, heads)
-                            -> losses.total_loss (L_CLS, L^U, L^V, L_Rank) -> grads -> AdamW update.
+                -> losses.total_loss (L_CLS, L^U, L^V, L_Rank) -> grads -> AdamW update
+                -> non-finite guard: a NaN/Inf loss or gradient keeps the old state.
 The state is replicated over the mesh and donated; BatchNorm statistics are computed over the
-global batch (jit over a sharded batch is synchronous BatchNorm).
+global batch (jit over a sharded batch is synchronous BatchNorm), so results do not depend on
+the number of devices or processes. Faults (preemption, non-finite steps, bad records) are
+handled by the small helpers of `faults.py`; see docs/distributed.md.
 """
 
 import collections
@@ -25,6 +29,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cmil_jax import checkpoint
+from cmil_jax import faults
 from cmil_jax import losses
 from cmil_jax import metrics as metrics_lib
 from cmil_jax import models
@@ -32,6 +37,7 @@ from cmil_jax import optim
 from cmil_jax import parallel
 from cmil_jax.data import pipeline
 from cmil_jax.data import sources
+from jax.experimental import multihost_utils
 
 
 @flax.struct.dataclass
@@ -75,13 +81,15 @@ def open_splits(cfg, workdir: str, splits) -> dict:
     """Opens the requested splits; builds the synthetic data set first when the config uses it.
 
     Raises FileNotFoundError naming the missing path (and the command that builds it) before any
-    model is compiled.
+    model is compiled. The train split skips bad records (logged and counted, see
+    `faults.SkipBadRecords`) unless data.max_bad_records is 0; evaluation splits fail on them.
     """
     data_dir = resolve_data_dir(cfg, workdir)
     name = cfg.data.name
     if name.startswith("cmil_synthetic"):
         syn = cfg.data.synthetic
-        name = sources.build_synthetic(
+        build = functools.partial(
+            sources.build_synthetic,
             data_dir,
             cfg.data.subset,
             image_size=cfg.data.image_size,
@@ -91,10 +99,17 @@ def open_splits(cfg, workdir: str, splits) -> dict:
             seed=syn.seed,
             num_workers=os.cpu_count() or 1,
         )
-    return {
-        split: sources.open_split(data_dir, name, getattr(cfg.data, f"{split}_split"))
-        for split in splits
-    }
+        if checkpoint.is_primary():  # one process builds, the others wait and then open it
+            name = build()
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("cmil_jax: synthetic data built")
+            name = build()
+    opened = {}
+    for split in splits:
+        source = sources.open_split(data_dir, name, getattr(cfg.data, f"{split}_split"))
+        strict = split != "train" or cfg.data.max_bad_records == 0
+        opened[split] = faults.SkipBadRecords(source, faults.bad_records_path(workdir), strict)
+    return opened
 
 
 def _per_process(global_batch: int) -> int:
@@ -127,6 +142,48 @@ def eval_batches(cfg, source):
         image_size=cfg.data.image_size,
         num_workers=min(cfg.data.num_workers, 2),
     )
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field."""
+
+
+def validate_config(cfg) -> None:
+    """Checks what lock_config cannot: values that fit the devices and processes of this run."""
+    devices, processes = jax.device_count(), jax.process_count()
+    images = cfg.train.batch_size * (3 if cfg.data.triples else 1)
+    checks = [
+        ("train.batch_size", images % devices == 0,
+         f"the global batch ({images} images) must split evenly over the {devices} devices"),
+        ("train.batch_size", cfg.train.batch_size % processes == 0,
+         f"must be a multiple of the {processes} processes"),
+        ("eval.batch_size", cfg.eval.batch_size % devices == 0,
+         f"must be a multiple of the {devices} devices"),
+        ("train.log_every", cfg.train.log_every > 0, "must be positive"),
+        ("train.eval_every", cfg.train.eval_every > 0, "must be positive"),
+        ("train.checkpoint_every", cfg.train.checkpoint_every > 0, "must be positive"),
+        ("train.max_nonfinite_steps", cfg.train.max_nonfinite_steps >= 0, "must be >= 0"),
+        ("data.max_bad_records", cfg.data.max_bad_records >= 0, "must be >= 0"),
+    ]
+    for field, ok, why in checks:
+        if not ok:
+            value = cfg[field.split(".")[0]][field.split(".")[1]]
+            raise ConfigError(f"config field {field}={value}: {why}")
+    parse_steps(cfg.train.debug_nonfinite_steps)
+
+
+def parse_steps(spec: str) -> tuple[int, ...]:
+    """'3,7-9' -> (3, 7, 8, 9); '' -> (). Used by train.debug_nonfinite_steps."""
+    steps = []
+    try:
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            lo, _, hi = part.partition("-")
+            steps.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError as e:
+        raise ConfigError(
+            f"config field train.debug_nonfinite_steps={spec!r}: expected steps like '3,7-9'"
+        ) from e
+    return tuple(steps)
 
 
 # ----------------------------------------------------------------------------- state
@@ -172,8 +229,13 @@ def load_backbone_weights(state: TrainState, init_from: str) -> TrainState:
 # ----------------------------------------------------------------------------- steps
 
 
-def make_train_step(model, tx, loss_cfg, state_shardings, batch_sharding):
-    """jit-compiled (state, batch) -> (state, metrics); state donated."""
+def make_train_step(model, tx, loss_cfg, state_shardings, batch_sharding, nan_steps=()):
+    """jit-compiled (state, batch) -> (state, metrics); state donated.
+
+    A step whose loss or gradient norm is NaN/Inf changes nothing but `step` and reports
+    metrics['nonfinite'] = 1. `nan_steps` (1-based, testing only) multiplies the loss by NaN
+    at those steps.
+    """
     loss_kwargs = dict(
         alpha=loss_cfg.alpha,
         lambda1=loss_cfg.lambda1,
@@ -193,17 +255,34 @@ def make_train_step(model, tx, loss_cfg, state_shardings, batch_sharding):
                 mutable=["batch_stats"],
             )
             loss, terms = losses.total_loss(outputs, batch, **loss_kwargs)
+            if nan_steps:
+                injected = jnp.isin(state.step + 1, jnp.asarray(nan_steps))
+                loss = loss * jnp.where(injected, jnp.nan, 1.0)
             return loss, (terms, new_vars["batch_stats"])
 
         (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params
         )
+        grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+
+        # Non-finite guard: keep the old params, BatchNorm statistics and optimizer state.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        def keep_if_bad(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         new_state = state.replace(
-            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+            step=state.step + 1,
+            params=keep_if_bad(params, state.params),
+            batch_stats=keep_if_bad(batch_stats, state.batch_stats),
+            opt_state=keep_if_bad(opt_state, state.opt_state),
         )
-        step_metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **terms}
+        step_metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            **terms,
+            "nonfinite": 1.0 - finite.astype(jnp.float32),
+        }
         return new_state, step_metrics
 
     replicated = NamedSharding(batch_sharding.mesh, P())
@@ -300,6 +379,55 @@ class MetricWriter:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def drop_after(self, step: int) -> int:
+        """Removes records of steps after `step` (re-run after a resume); returns how many."""
+        if not checkpoint.is_primary() or not os.path.exists(self.path):
+            return 0
+        with open(self.path) as f:
+            lines = [line for line in f if line.strip()]
+        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        if len(kept) < len(lines):
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+            os.replace(tmp, self.path)
+        return len(lines) - len(kept)
+
+
+class TrainWindow:
+    """Per-step train metrics since the last log record, kept on the device until read.
+
+    Reading them (`summary`, `to_json`) is the only host sync of the loop besides evaluation
+    and checkpoints. `to_json` goes into checkpoints, so a resumed run logs the same means.
+    """
+
+    def __init__(self, saved=()):
+        self.steps = [{k: np.float32(v) for k, v in m.items()} for m in saved]
+
+    def append(self, step_metrics: dict) -> None:
+        self.steps.append(step_metrics)
+
+    def _on_host(self) -> list[dict]:
+        self.steps = [
+            {k: np.float32(v) for k, v in m.items()} for m in jax.device_get(self.steps)
+        ]
+        return self.steps
+
+    def to_json(self) -> list[dict]:
+        return [{k: float(v) for k, v in m.items()} for m in self._on_host()]
+
+    def summary(self) -> tuple[dict, list[bool]]:
+        """(means over the finite steps + 'nonfinite' count, per-step non-finite flags); clears."""
+        steps, self.steps = self._on_host(), []
+        flags = [bool(m["nonfinite"]) for m in steps]
+        finite = [m for m, bad in zip(steps, flags) if not bad]
+        means = {
+            k: np.mean(np.asarray([m[k] for m in finite], np.float32)) if finite else np.nan
+            for k in steps[0] if k != "nonfinite"
+        }
+        means["nonfinite"] = sum(flags)
+        return means, flags
+
 
 def _total_steps(cfg, train_len: int) -> int:
     if cfg.train.num_steps > 0:
@@ -323,15 +451,31 @@ def _progress(total, initial):
     )
 
 
+def _count_bad_records(cfg, workdir: str) -> int:
+    """Distinct training records skipped so far (the same number on every process)."""
+    count = faults.count_bad_records(workdir)
+    if jax.process_count() > 1:  # files may lag on some hosts: process 0 decides for all
+        count = int(multihost_utils.broadcast_one_to_all(np.int32(count)))
+    if count > cfg.data.max_bad_records:
+        raise sources.DataError(
+            f"{count} bad training records skipped, more than data.max_bad_records="
+            f"{cfg.data.max_bad_records}; they are listed in {workdir}/bad_records*.jsonl"
+        )
+    return count
+
+
 # ----------------------------------------------------------------------------- entry points
 
 
 def train_and_evaluate(cfg, workdir: str) -> dict:
     """Trains (resuming from <workdir>/checkpoints if present), then tests the best checkpoints.
 
-    Returns the test metrics of the first selection metric's best checkpoint.
+    Returns the test metrics of the first selection metric's best checkpoint, or {} when the
+    run was preempted (SIGTERM: checkpoint saved, run the same command again to resume).
+    Raises faults.NonFiniteError after train.max_nonfinite_steps non-finite steps in a row.
     """
-    os.makedirs(workdir, exist_ok=True)
+    faults.check_workdir(workdir)
+    validate_config(cfg)
     data = open_splits(cfg, workdir, ("train", "val", "test"))
     if checkpoint.is_primary():
         checkpoint.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
@@ -346,22 +490,26 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
 
     train_iter = train_iterator(cfg, data["train"])
     manager = checkpoint.make_manager(workdir, cfg.train.keep_checkpoints)
+    writer = MetricWriter(workdir)
     abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings
     )
     restored = checkpoint.restore_latest(manager, abstract_state)
-    start_step = 0
+    start_step, loop_state = 0, {}
     if restored is not None:
-        start_step, state, data_state = restored
-        train_iter.set_state(data_state)
-        print(f"Resumed from {manager.directory} at step {start_step}.", flush=True)
+        start_step, state, loop_state = restored
+        train_iter.set_state(loop_state["data"])
+        dropped = writer.drop_after(start_step)
+        print(f"Resumed from {manager.directory} at step {start_step}"
+              + (f" ({dropped} metrics records of later steps dropped)." if dropped else "."),
+              flush=True)
     elif cfg.model.init_from:
         state = load_backbone_weights(state, cfg.model.init_from)
 
-    train_step = make_train_step(model, tx, cfg.loss, state_shardings, batch_sharding)
+    nan_steps = parse_steps(cfg.train.debug_nonfinite_steps)
+    train_step = make_train_step(model, tx, cfg.loss, state_shardings, batch_sharding, nan_steps)
     var_shardings = {"params": state_shardings.params, "batch_stats": state_shardings.batch_stats}
     eval_step = make_eval_step(model, cfg.loss, var_shardings, batch_sharding)
-    writer = MetricWriter(workdir)
     best = checkpoint.BestKeeper(workdir, _select_metrics(cfg))
 
     def run_eval(split, variables, step):
@@ -369,60 +517,84 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
         return evaluate(eval_step, variables, ds, batch_sharding, cfg)
 
     batches = parallel.DevicePrefetcher(train_iter, batch_sharding, size=cfg.data.prefetch)
+    window = TrainWindow(loop_state.get("log_window", ()))  # per-step metrics until logged
+    nonfinite = faults.NonFiniteMonitor(
+        cfg.train.max_nonfinite_steps, loop_state.get("nonfinite_streak", 0)
+    )
+
+    def save(step, wait=False):
+        loop = {"data": batches.state(), "log_window": window.to_json(),
+                "nonfinite_streak": nonfinite.streak}
+        checkpoint.save(manager, step, state, loop, wait=wait)
+
     step = start_step
-    pending = []  # per-step metrics kept on device until the next log
+    stop = None  # why the loop ended early: "preempted" or a non-finite message
     t_log, images_since_log = time.perf_counter(), 0
     bar = _progress(total_steps, start_step)
     first_step_time = None
     t_start = time.perf_counter()
-    while step < total_steps:
-        batch = next(batches)
-        state, step_metrics = train_step(state, batch)
-        step += 1
-        bar.update(1)
-        pending.append(step_metrics)
-        images_since_log += batch["image"].shape[0]
-        if first_step_time is None:
-            jax.block_until_ready(step_metrics)
-            first_step_time = time.perf_counter() - t_start
-            writer.write(step, "train", {"time_to_first_step_s": first_step_time})
-        if step % cfg.train.log_every == 0 or step == total_steps:
-            means = {
-                k: float(np.mean(v))
-                for k, v in jax.device_get(
-                    jax.tree.map(lambda *xs: jnp.stack(xs), *pending)
-                ).items()
-            }
-            elapsed = time.perf_counter() - t_log
-            means["images_per_sec"] = images_since_log / elapsed
-            means["lr"] = float(
-                optim.lr_schedule(cfg.train.lr, cfg.train.warmup_steps, total_steps)(step)
-            )
-            writer.write(step, "train", means)
-            bar.set_postfix(loss=f"{means['loss']:.3f}")
-            pending, t_log, images_since_log = [], time.perf_counter(), 0
-        if step % cfg.train.eval_every == 0 or step == total_steps:
-            val = run_eval("val", state.variables(), step)
-            writer.write(step, "val", val)
-            improved = best.update(step, state.variables(), val)
-            bar.write(
-                f"step {step}: val "
-                + " ".join(f"{k}={v:.4f}" for k, v in val.items() if k != "num_images")
-                + (f" (best {', '.join(improved)})" if improved else "")
-            )
-            t_log = time.perf_counter()
-        if step % cfg.train.checkpoint_every == 0 or step == total_steps:
-            checkpoint.save(manager, step, state, batches.state())
-    bar.close()
-    train_iter.close()
-    manager.wait_until_finished()
-    best.wait()
-    best.close()
-    manager.close()
+    try:
+        with faults.PreemptionWatcher() as preemption:
+            while step < total_steps:
+                batch = next(batches)
+                state, step_metrics = train_step(state, batch)
+                step += 1
+                bar.update(1)
+                window.append(step_metrics)
+                images_since_log += batch["image"].shape[0]
+                if first_step_time is None:
+                    jax.block_until_ready(step_metrics)
+                    first_step_time = time.perf_counter() - t_start
+                    writer.write(step, "train", {"time_to_first_step_s": first_step_time})
+                if step % cfg.train.log_every == 0 or step == total_steps:
+                    means, flags = window.summary()
+                    means["images_per_sec"] = images_since_log / (time.perf_counter() - t_log)
+                    means["lr"] = optim.lr_schedule(
+                        cfg.train.lr, cfg.train.warmup_steps, total_steps)(step)
+                    bad_records = _count_bad_records(cfg, workdir)
+                    if bad_records:
+                        means["bad_records"] = bad_records
+                    writer.write(step, "train", means)
+                    bar.set_postfix(loss=f"{means['loss']:.3f}")
+                    t_log, images_since_log = time.perf_counter(), 0
+                    if nonfinite.update(step, flags):
+                        manager.wait_until_finished()
+                        stop = nonfinite.message(step, manager.latest_step())
+                        break
+                if step % cfg.train.eval_every == 0 or step == total_steps:
+                    val = run_eval("val", state.variables(), step)
+                    writer.write(step, "val", val)
+                    improved = best.update(step, state.variables(), val)
+                    bar.write(
+                        f"step {step}: val "
+                        + " ".join(f"{k}={v:.4f}" for k, v in val.items() if k != "num_images")
+                        + (f" (best {', '.join(improved)})" if improved else "")
+                    )
+                    t_log = time.perf_counter()
+                if step % cfg.train.checkpoint_every == 0 or step == total_steps:
+                    save(step)
+                if preemption.should_stop(step):
+                    save(step, wait=True)
+                    stop = "preempted"
+                    break
+    finally:
+        bar.close()
+        train_iter.close()
+        manager.wait_until_finished()
+        best.wait()
+        best.close()
+        manager.close()
+    if stop == "preempted":
+        print(f"Preempted: checkpoint saved at step {step}; run the same command to resume.",
+              flush=True)
+        return {}
+    if stop is not None:
+        raise faults.NonFiniteError(stop)
     results = evaluate_best(cfg, workdir, data=data, model=model, mesh=mesh)
-    from cmil_jax import viz  # pylint: disable=import-outside-toplevel
+    if checkpoint.is_primary():
+        from cmil_jax import viz  # pylint: disable=import-outside-toplevel
 
-    viz.plot_curves(workdir)
+        viz.plot_curves(workdir)
     return results
 
 
