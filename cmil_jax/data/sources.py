@@ -362,7 +362,7 @@ class RecordSource:
         except Exception as e:
             raise DataError(f"{self._where(index)} ({_path_str(rec)}): {e}") from e
         return {"image": image, "mask": mask, "label": label, "landmarks": landmarks,
-                "is_fake": is_fake, "path": _path_str(rec)}
+                "is_fake": is_fake, "path": _path_str(rec), **extra_fields(rec)}
 
     def labels(self) -> np.ndarray:
         """All labels, int32 (N,5), read without decoding images (cached)."""
@@ -396,3 +396,37 @@ def open_split(data_dir: str | os.PathLike, name: str, split: str) -> RecordSour
     if version_dir is None:
         raise FileNotFoundError(_missing_message(data_dir, name, dataset_dir))
     return RecordSource(version_dir, name, split)
+
+
+# --------------------------------------------------------------------------------------------
+# Video-frame records (data_prep.common.video_frame_features): extra keys.
+# RecordSource.__getitem__ passes these through when a record has them (is_fake is read above).
+
+EXTRA_TEXT_KEYS = ("video_id", "method")
+EXTRA_INT_KEYS = ("frame_index",)
+
+
+def extra_fields(rec) -> dict[str, Any]:
+    """The extra keys a record holds: video_id, method (str), frame_index (int32 ())."""
+    out = {}
+    for k in EXTRA_TEXT_KEYS:
+        if k in rec:
+            v = rec[k]
+            out[k] = v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+    for k in EXTRA_INT_KEYS:
+        if k in rec:
+            out[k] = np.int32(rec[k])
+    return out
+
+
+def video_ids(source: RecordSource) -> np.ndarray:
+    """(N,) str: the video id of each record of a split, read without decoding images.
+
+    Records without a video_id (single images) are their own video: their path is used.
+    For video-level scores, average frame scores over equal ids.
+    """
+    ids = []
+    for i in range(len(source)):
+        rec = source.raw(i)
+        ids.append(extra_fields(rec).get("video_id") or _path_str(rec))
+    return np.array(ids, dtype=object)

@@ -1,0 +1,35 @@
+"""FaceForensics++ binary detection: `--config configs/ffpp.py` (c23), `configs/ffpp.py:c40`,
+or `configs/ffpp.py:demo` (binary training on the built-in synthetic faces).
+
+Build the data first (docs/datasets.md):
+    python -m data_prep.videos --dataset ffpp --compression c23 --raw-dir RAW --data-dir DATA
+    python -m cmil_jax.main --config configs/ffpp.py --workdir runs/ffpp --config.data.data_dir=DATA
+Binary mode [paper]: one class token, one class (target = is_fake), no L_Rank. Training examples
+are genuine / SBI pseudo-fake / fake triples (method.md section 5). Records are frames of the
+official train/val/test videos; `eval.video_auc` asks for video-level AUC as well (frame
+scores averaged per `video_id`).
+"""
+
+from cmil_jax import config_base
+
+
+def binary(c, name="ffpp/c23"):
+  """Turns a base config into the binary recipe reading TFDS dataset `name`."""
+  c.data.name = name
+  c.data.subset = "facial_components"  # only read by the synthetic demo data
+  c.data.triples = True
+  c.model.num_class_tokens = 1
+  c.model.num_classes = 1
+  c.loss.use_rank = False
+  c.eval.select_metrics = "auc"
+  c.eval.video_auc = True  # proposed: also report 'video_auc' when records carry video ids
+  return c
+
+
+def get_config(arg=None):
+  arg = arg or "c23"
+  if arg in ("raw", "c23", "c40"):
+    return binary(config_base.base_config(), f"ffpp/{arg}")
+  if arg == "demo":
+    return config_base.apply_demo(binary(config_base.base_config()))
+  raise ValueError(f"unknown config variant {arg!r}; expected raw, c23, c40 or demo")
