@@ -10,7 +10,7 @@ import jax
 import optax
 
 # Leaf names that never get weight decay, whatever their rank.
-NO_DECAY_NAMES = ("pos_embed", "class_tokens", "mil_bias")
+NO_DECAY_NAMES = ("pos_embed", "class_tokens", "mil_bias", "relative_position_bias_table")
 
 
 def _leaf_name(path) -> str:

@@ -11,14 +11,16 @@ A family that cannot honour a keyword (e.g. dilation) should raise a ValueError 
 Add a family with ``register_backbone(name, builder, stride)``.
 
 Names: 'resnet18', 'resnet34', 'resnet50' (torchvision layout and weights) and 'resnet10'
-(BasicBlock (1, 1, 1, 1): a small demo net of this project, no pretrained weights).
+(BasicBlock (1, 1, 1, 1): a small demo net of this project, no pretrained weights);
+'swin_t', 'swin_s', 'swin_b' (timm layout and weights; no dilation, see models/swin.py for
+the window size and the meaning of ``width``).
 """
 
 from typing import Callable
 
 import flax.linen as nn
 
-from cmil_jax.models import resnet
+from cmil_jax.models import resnet, swin
 
 # name -> builder(**kwargs) -> nn.Module
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
@@ -26,6 +28,9 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet.resnet18,
     "resnet34": resnet.resnet34,
     "resnet50": resnet.resnet50,
+    "swin_t": swin.swin_t,
+    "swin_s": swin.swin_s,
+    "swin_b": swin.swin_b,
 }
 
 # name -> output stride of the feature map without dilation
