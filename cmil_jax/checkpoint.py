@@ -1,12 +1,21 @@
 """Orbax checkpoints of a run.
 
-<workdir>/checkpoints/<step>/   train state (params, batch_stats, optimizer) + input-iterator state,
-                                 so a resumed run continues on the same data order.
+<workdir>/checkpoints/<step>/   state: train state (params, batch_stats, optimizer, step)
+                                 loop:  JSON with the input-iterator position ('data'), the
+                                        per-step metrics not yet logged ('log_window') and the
+                                        non-finite streak, so that a resumed run continues on
+                                        the same batches and writes the same metrics records.
 <workdir>/best/<metric>/<step>/  params and batch_stats of the best validation value of <metric>
                                  (one directory per selection metric, as SeqFakeFormer selects).
 
-Saves are atomic (orbax writes to a temporary directory and renames), so a run killed during a
-save keeps its previous checkpoint.
+Saves are atomic: orbax writes into a temporary directory and renames it when every file (and,
+with several processes, every process) is done; a directory left by a run killed mid-save is
+never restored, and the next run removes it. So a kill at any moment keeps the previous
+checkpoint.
+Every process calls save/restore (orbax coordinates them): array shards are written by the
+processes that hold them, the JSON by process 0. The 'data' position is the same on every
+process (each reads the same number of batches of its share), so one copy serves them all,
+and a checkpoint written by N processes restores on any number of processes.
 """
 
 import json
@@ -21,32 +30,42 @@ def _abs(path: str) -> str:
 
 
 def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, cleanup_tmp_directories=True  # left by a kill mid-save
+    )
     return ocp.CheckpointManager(os.path.join(_abs(workdir), "checkpoints"), options=options)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state, data_state) -> None:
-    """Saves `state` (a pytree of arrays) and `data_state` (the JSON-able iterator state)."""
-    manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
-        ),
-    )
+def save(manager: ocp.CheckpointManager, step: int, state, loop_state: dict,
+         wait: bool = False) -> None:
+    """Saves `state` (a pytree of arrays) and `loop_state` (JSON-able); no-op if `step` exists.
+
+    Asynchronous: returns once the arrays are copied off the devices; `wait` blocks until the
+    checkpoint is on disk (before exiting).
+    """
+    if step not in manager.all_steps():
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop_state)
+            ),
+        )
+    if wait:
+        manager.wait_until_finished()
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state):
-    """Returns (step, state, data_state) of the newest checkpoint, or None when there is none."""
+    """Returns (step, state, loop_state) of the newest checkpoint, or None when there is none."""
     step = manager.latest_step()
     if step is None:
         return None
     restored = manager.restore(
         step,
         args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+            state=ocp.args.StandardRestore(abstract_state), loop=ocp.args.JsonRestore()
         ),
     )
-    return step, restored["state"], restored["data"]
+    return step, restored["state"], restored["loop"]
 
 
 class BestKeeper:

@@ -14,8 +14,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
-def make_mesh() -> Mesh:
-    return Mesh(np.asarray(jax.devices()), ("data",))
+def make_mesh(devices=None) -> Mesh:
+    """1-D mesh over `devices` (default: every device of every process) with axis 'data'."""
+    return Mesh(np.asarray(jax.devices() if devices is None else devices), ("data",))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

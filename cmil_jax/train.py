@@ -13,11 +13,11 @@ handled by the small helpers of `faults.py`; see docs/distributed.md.
 """
 
 import collections
-import dataclasses
 import functools
 import json
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cmil_jax import checkpoint
@@ -37,7 +38,6 @@ from cmil_jax import optim
 from cmil_jax import parallel
 from cmil_jax.data import pipeline
 from cmil_jax.data import sources
-from jax.experimental import multihost_utils
 
 
 @flax.struct.dataclass
@@ -99,11 +99,11 @@ def open_splits(cfg, workdir: str, splits) -> dict:
             seed=syn.seed,
             num_workers=os.cpu_count() or 1,
         )
-        if checkpoint.is_primary():  # one process builds, the others wait and then open it
-            name = build()
+        if checkpoint.is_primary():  # one process builds, the others wait for it
+            build()
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("cmil_jax: synthetic data built")
-            name = build()
+        name = build()  # finds the complete build and returns its name
     opened = {}
     for split in splits:
         source = sources.open_split(data_dir, name, getattr(cfg.data, f"{split}_split"))
@@ -255,7 +255,7 @@ def make_train_step(model, tx, loss_cfg, state_shardings, batch_sharding, nan_st
                 mutable=["batch_stats"],
             )
             loss, terms = losses.total_loss(outputs, batch, **loss_kwargs)
-            if nan_steps:
+            if nan_steps:  # testing hook: train.debug_nonfinite_steps
                 injected = jnp.isin(state.step + 1, jnp.asarray(nan_steps))
                 loss = loss * jnp.where(injected, jnp.nan, 1.0)
             return loss, (terms, new_vars["batch_stats"])
@@ -267,15 +267,18 @@ def make_train_step(model, tx, loss_cfg, state_shardings, batch_sharding, nan_st
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
 
-        # Non-finite guard: keep the old params, BatchNorm statistics and optimizer state.
+        # Non-finite guard: on a NaN/Inf loss or gradient, keep the old params, BatchNorm
+        # statistics and optimizer state (the learning-rate schedule does not advance either).
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        def keep_if_bad(new, old):
+
+        def if_finite(new, old):
             return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
         new_state = state.replace(
             step=state.step + 1,
-            params=keep_if_bad(params, state.params),
-            batch_stats=keep_if_bad(batch_stats, state.batch_stats),
-            opt_state=keep_if_bad(opt_state, state.opt_state),
+            params=if_finite(params, state.params),
+            batch_stats=if_finite(batch_stats, state.batch_stats),
+            opt_state=if_finite(opt_state, state.opt_state),
         )
         step_metrics = {
             "loss": loss,
@@ -338,7 +341,7 @@ def evaluate(eval_step, variables, dataset, batch_sharding, cfg) -> dict:
     fake_prob = np.concatenate(collected["fake_prob"])
     label = np.concatenate(collected["label"])
     is_fake = np.concatenate(collected["is_fake"])
-    result = {"num_images": int(len(label))}
+    result = {"num_images": len(label)}
     if cfg.model.num_classes > 1:
         result.update(
             metrics_lib.sequence_metrics(
@@ -395,17 +398,25 @@ class MetricWriter:
 
 
 class TrainWindow:
-    """Per-step train metrics since the last log record, kept on the device until read.
+    """Per-step train metrics and the images trained on since the last train record.
 
-    Reading them (`summary`, `to_json`) is the only host sync of the loop besides evaluation
-    and checkpoints. `to_json` goes into checkpoints, so a resumed run logs the same means.
+    The metrics stay on the device until `summary` or `to_json` reads them: with evaluation
+    and checkpoints, the loop's only host syncs. `to_json` goes into checkpoints, so a resumed
+    run writes the same means as an uninterrupted one.
     """
 
     def __init__(self, saved=()):
         self.steps = [{k: np.float32(v) for k, v in m.items()} for m in saved]
+        self.images = 0
+        self.restart_clock()
 
-    def append(self, step_metrics: dict) -> None:
+    def restart_clock(self) -> None:
+        """Starts timing images_per_sec anew (after an evaluation, which is not training)."""
+        self.start = time.perf_counter()
+
+    def append(self, step_metrics: dict, num_images: int) -> None:
         self.steps.append(step_metrics)
+        self.images += num_images
 
     def _on_host(self) -> list[dict]:
         self.steps = [
@@ -417,7 +428,8 @@ class TrainWindow:
         return [{k: float(v) for k, v in m.items()} for m in self._on_host()]
 
     def summary(self) -> tuple[dict, list[bool]]:
-        """(means over the finite steps + 'nonfinite' count, per-step non-finite flags); clears."""
+        """(means over the finite steps, 'nonfinite' count and images_per_sec; per-step
+        non-finite flags), then starts a new window."""
         steps, self.steps = self._on_host(), []
         flags = [bool(m["nonfinite"]) for m in steps]
         finite = [m for m, bad in zip(steps, flags) if not bad]
@@ -426,6 +438,9 @@ class TrainWindow:
             for k in steps[0] if k != "nonfinite"
         }
         means["nonfinite"] = sum(flags)
+        means["images_per_sec"] = self.images / (time.perf_counter() - self.start)
+        self.images = 0
+        self.restart_clock()
         return means, flags
 
 
@@ -437,6 +452,15 @@ def _total_steps(cfg, train_len: int) -> int:
 
 def _select_metrics(cfg) -> list[str]:
     return [m.strip() for m in cfg.eval.select_metrics.split(",") if m.strip()]
+
+
+def _log(message: str) -> None:
+    """Prints on process 0 only (tqdm-safe)."""
+    if checkpoint.is_primary():
+        from tqdm import auto as tqdm  # pylint: disable=import-outside-toplevel
+
+        tqdm.tqdm.write(message)
+        sys.stdout.flush()
 
 
 def _progress(total, initial):
@@ -451,8 +475,9 @@ def _progress(total, initial):
     )
 
 
-def _count_bad_records(cfg, workdir: str) -> int:
-    """Distinct training records skipped so far (the same number on every process)."""
+def _bad_records(cfg, workdir: str) -> dict:
+    """{'bad_records': distinct training records skipped so far} when any; DataError past the
+    data.max_bad_records limit. The same answer on every process."""
     count = faults.count_bad_records(workdir)
     if jax.process_count() > 1:  # files may lag on some hosts: process 0 decides for all
         count = int(multihost_utils.broadcast_one_to_all(np.int32(count)))
@@ -461,7 +486,7 @@ def _count_bad_records(cfg, workdir: str) -> int:
             f"{count} bad training records skipped, more than data.max_bad_records="
             f"{cfg.data.max_bad_records}; they are listed in {workdir}/bad_records*.jsonl"
         )
-    return count
+    return {"bad_records": count} if count else {}
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -500,9 +525,8 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
         start_step, state, loop_state = restored
         train_iter.set_state(loop_state["data"])
         dropped = writer.drop_after(start_step)
-        print(f"Resumed from {manager.directory} at step {start_step}"
-              + (f" ({dropped} metrics records of later steps dropped)." if dropped else "."),
-              flush=True)
+        _log(f"Resumed from {manager.directory} at step {start_step}"
+             + (f" ({dropped} metrics records of later steps dropped)." if dropped else "."))
     elif cfg.model.init_from:
         state = load_backbone_weights(state, cfg.model.init_from)
 
@@ -527,9 +551,9 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
                 "nonfinite_streak": nonfinite.streak}
         checkpoint.save(manager, step, state, loop, wait=wait)
 
+    lr_at = optim.lr_schedule(cfg.train.lr, cfg.train.warmup_steps, total_steps)
     step = start_step
-    stop = None  # why the loop ended early: "preempted" or a non-finite message
-    t_log, images_since_log = time.perf_counter(), 0
+    stop = None  # why the loop ended early: "preempted" or "nonfinite"
     bar = _progress(total_steps, start_step)
     first_step_time = None
     t_start = time.perf_counter()
@@ -540,37 +564,29 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
                 state, step_metrics = train_step(state, batch)
                 step += 1
                 bar.update(1)
-                window.append(step_metrics)
-                images_since_log += batch["image"].shape[0]
+                window.append(step_metrics, batch["image"].shape[0])
                 if first_step_time is None:
                     jax.block_until_ready(step_metrics)
                     first_step_time = time.perf_counter() - t_start
                     writer.write(step, "train", {"time_to_first_step_s": first_step_time})
                 if step % cfg.train.log_every == 0 or step == total_steps:
-                    means, flags = window.summary()
-                    means["images_per_sec"] = images_since_log / (time.perf_counter() - t_log)
-                    means["lr"] = optim.lr_schedule(
-                        cfg.train.lr, cfg.train.warmup_steps, total_steps)(step)
-                    bad_records = _count_bad_records(cfg, workdir)
-                    if bad_records:
-                        means["bad_records"] = bad_records
+                    means, nonfinite_flags = window.summary()
+                    means.update(lr=lr_at(step), **_bad_records(cfg, workdir))
                     writer.write(step, "train", means)
                     bar.set_postfix(loss=f"{means['loss']:.3f}")
-                    t_log, images_since_log = time.perf_counter(), 0
-                    if nonfinite.update(step, flags):
-                        manager.wait_until_finished()
-                        stop = nonfinite.message(step, manager.latest_step())
+                    if nonfinite.update(step, nonfinite_flags):
+                        stop = "nonfinite"
                         break
                 if step % cfg.train.eval_every == 0 or step == total_steps:
                     val = run_eval("val", state.variables(), step)
                     writer.write(step, "val", val)
                     improved = best.update(step, state.variables(), val)
-                    bar.write(
+                    _log(
                         f"step {step}: val "
                         + " ".join(f"{k}={v:.4f}" for k, v in val.items() if k != "num_images")
                         + (f" (best {', '.join(improved)})" if improved else "")
                     )
-                    t_log = time.perf_counter()
+                    window.restart_clock()
                 if step % cfg.train.checkpoint_every == 0 or step == total_steps:
                     save(step)
                 if preemption.should_stop(step):
@@ -581,16 +597,19 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
         bar.close()
         train_iter.close()
         manager.wait_until_finished()
+        last_checkpoint = manager.latest_step()
         best.wait()
         best.close()
         manager.close()
     if stop == "preempted":
-        print(f"Preempted: checkpoint saved at step {step}; run the same command to resume.",
-              flush=True)
+        _log(f"Preempted: checkpoint saved at step {step}; run the same command to resume.")
         return {}
-    if stop is not None:
-        raise faults.NonFiniteError(stop)
-    results = evaluate_best(cfg, workdir, data=data, model=model, mesh=mesh)
+    if stop == "nonfinite":
+        raise faults.NonFiniteError(nonfinite.message(last_checkpoint))
+    abstract_variables = {"params": abstract_state.params,
+                          "batch_stats": abstract_state.batch_stats}
+    results = evaluate_best(cfg, workdir, data=data, mesh=mesh, eval_step=eval_step,
+                            abstract=abstract_variables)
     if checkpoint.is_primary():
         from cmil_jax import viz  # pylint: disable=import-outside-toplevel
 
@@ -598,28 +617,34 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     return results
 
 
-def evaluate_best(cfg, workdir: str, *, data=None, model=None, mesh=None) -> dict:
-    """Evaluates the best checkpoint of every selection metric on the test split."""
+def evaluate_best(cfg, workdir: str, *, data=None, mesh=None, eval_step=None,
+                  abstract=None) -> dict:
+    """Evaluates the best checkpoint of every selection metric on the test split.
+
+    `eval_step` and `abstract` (variables as ShapeDtypeStructs with shardings) are built here
+    unless the caller has them already (train_and_evaluate does).
+    """
     if data is None:
         data = open_splits(cfg, workdir, ("test",))
     mesh = mesh or parallel.make_mesh()
-    model = model or build_model(cfg.model)
     batch_sharding = parallel.batch_sharding(mesh)
-    replicated = NamedSharding(mesh, P())
-    abstract = jax.eval_shape(
-        lambda: model.init(
-            jax.random.key(0),
-            jnp.zeros((1, cfg.data.image_size, cfg.data.image_size, 3), jnp.uint8),
-            train=False,
+    if eval_step is None:
+        model = build_model(cfg.model)
+        replicated = NamedSharding(mesh, P())
+        abstract = jax.eval_shape(
+            lambda: model.init(
+                jax.random.key(0),
+                jnp.zeros((1, cfg.data.image_size, cfg.data.image_size, 3), jnp.uint8),
+                train=False,
+            )
         )
-    )
-    abstract = {k: abstract[k] for k in ("params", "batch_stats") if k in abstract}
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract
-    )
-    eval_step = make_eval_step(
-        model, cfg.loss, jax.tree.map(lambda _: replicated, abstract), batch_sharding
-    )
+        abstract = {k: abstract[k] for k in ("params", "batch_stats") if k in abstract}
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract
+        )
+        eval_step = make_eval_step(
+            model, cfg.loss, jax.tree.map(lambda _: replicated, abstract), batch_sharding
+        )
     writer = MetricWriter(workdir)
     first = None
     for metric in _select_metrics(cfg):
@@ -627,10 +652,9 @@ def evaluate_best(cfg, workdir: str, *, data=None, model=None, mesh=None) -> dic
         ds = eval_batches(cfg, data["test"])
         result = evaluate(eval_step, variables, ds, batch_sharding, cfg)
         writer.write(step, "test", result, checkpoint=f"best_{metric}")
-        print(
+        _log(
             f"test (best {metric} on val, step {step}): "
-            + " ".join(f"{k}={v:.4f}" for k, v in result.items() if k != "num_images"),
-            flush=True,
+            + " ".join(f"{k}={v:.4f}" for k, v in result.items() if k != "num_images")
         )
         first = first or result
     return first

@@ -591,9 +591,8 @@ def test_sample_indices():
     assert faces.sample_indices(0, 5) == []
 
 
+@pytest.mark.landmarks  # deselected by default; run with: pip install -e '.[landmarks]' && pytest -m landmarks
 def test_dlib_extra_on_a_synthetic_face():
-    pytest.importorskip("dlib")
-    pytest.importorskip("face_recognition_models")
     ex = synthetic.generate_example("facial_components", 3, image_size=256, sequence=())
     face = lm_lib.largest_face(lm_lib.make_detector("dlib")(ex["image"]))
     assert face is not None and face.points.shape == (68, 2)

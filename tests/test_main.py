@@ -98,3 +98,12 @@ def test_config_typo_fails(tmp_path):
                   "--config.train.num_stepz=3", timeout=120)
     assert result.returncode != 0
     assert "num_stepz" in result.stderr
+
+
+def test_unwritable_workdir_fails_fast_naming_it(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = _run("--config", "configs/seqattr.py:demo", "--workdir", str(blocker / "run"),
+                  timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"cannot write to --workdir {blocker}/run" in result.stderr

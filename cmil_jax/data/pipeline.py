@@ -248,18 +248,17 @@ def make_train_dataset(source, *, batch_size: int, seed: int, image_size: int,
     """Infinite shuffled training batches of single images (contract keys, see module doc).
 
     source: random-access dataset (``open_split``) of decoded records. batch_size: per process.
-    With ``shard`` and several JAX processes, each process reads a disjoint 1/P of the source.
+    With ``shard`` and P JAX processes, process p takes batches p, p+P, p+2P, ... of one shuffled
+    stream, so global batch g is the concatenation of batch g*P+q of every process q: the global
+    batch sequence does not depend on P, and every process reads a disjoint 1/P of the records.
     ``iter(...)`` gives a checkpointable ``grain.DatasetIterator``.
     """
     cfg = augment_lib.as_config(augment_cfg)
-    ds = grain.MapDataset.source(source)
     index, count = process_shard(shard)
-    if count > 1:
-        ds = ds[index:(len(source) // count) * count:count]
-    ds = (ds.seed(seed).shuffle().repeat()
+    ds = (grain.MapDataset.source(source).seed(seed).shuffle().repeat()
           .random_map(_AugmentExample(image_size, cfg, has_seq))
           .batch(batch_size, drop_remainder=True))
-    return _to_iter(ds, num_workers, num_threads, prefetch)
+    return _to_iter(ds[index::count], num_workers, num_threads, prefetch)
 
 
 def make_triple_train_dataset(source, *, batch_size: int, seed: int, image_size: int,
@@ -282,13 +281,11 @@ def make_triple_train_dataset(source, *, batch_size: int, seed: int, image_size:
     if len(originals) == 0 or len(fakes) == 0:
         raise ValueError(f"triples need genuine and fake images; {source!r} has "
                          f"{len(originals)} genuine and {len(fakes)} fake")
-    if process_shard(shard)[1] > 1:
-        originals = originals[_shard_indices(len(originals), True)]
-        fakes = fakes[_shard_indices(len(fakes), True)]
+    index, count = process_shard(shard)
     ds = (grain.MapDataset.range(len(originals)).seed(seed).shuffle().repeat()
           .random_map(_TripleExample(source, originals, fakes, image_size, cfg, has_seq))
           .batch(batch_size, drop_remainder=True, batch_fn=_concat_triples))
-    return _to_iter(ds, num_workers, num_threads, prefetch)
+    return _to_iter(ds[index::count], num_workers, num_threads, prefetch)
 
 
 def eval_num_batches(num_examples: int, batch_size: int, shard: bool = True) -> int:

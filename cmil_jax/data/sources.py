@@ -94,6 +94,8 @@ def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
 
 def decode_image(data: bytes) -> np.ndarray | None:
     """uint8 RGB (H,W,3) from PNG/JPEG bytes, or None if OpenCV cannot decode them."""
+    if not data:
+        return None
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if img is None:
         return None

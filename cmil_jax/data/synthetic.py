@@ -73,7 +73,7 @@ ORIGINAL_SHARE = 1.0 / 6.0  # probability that an index is an unmanipulated orig
 MASK_THRESHOLD = 0.25  # feathered blend weight above which a pixel counts as manipulated
 
 # Strength of the traces (ranges sampled per image; see the module docstring).
-SEAM_OFFSET = (5.0, 10.0)  # |grey-level offset| of pasted content (where)
+SEAM_OFFSET = (10.0, 18.0)  # |grey-level offset| of pasted content (where)
 DRIFT_GAIN = (0.02, 0.04)  # per re-encoding: red gain +, blue gain - (when)
 DRIFT_OFFSET = (2.0, 4.0)  # per re-encoding: red offset +, blue offset - (grey levels)
 

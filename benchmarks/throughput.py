@@ -1,0 +1,968 @@
+"""Training and inference images/s: cmil_jax against its PyTorch twin, in one process.
+
+    python -m benchmarks.throughput --backbone resnet50 --image-size 256 --batch 128 \
+        --json OUT.json \
+        [--dtype bfloat16|float32] [--steps N] [--warmup N] [--windows N] [--no-compile] \
+        [--xla-onednn] [--no-infer] [--only RUNNER,...] [--end-to-end [--e2e-workers N]] \
+        [--jax-variant NAME ...] [--torch-threads N] [--torch-alt-threads N]
+    python -m benchmarks.throughput --report OUT.json ...      # markdown tables
+
+What is timed (device-resident batch, the same uint8 images and labels for both frameworks):
+  jax train        cmil_jax.train.make_train_step (jit, donated state, AdamW of cmil_jax.optim):
+                   forward, total_loss, backward, optimizer update, BatchNorm statistics.
+  jax infer        cmil_jax.train.make_eval_step (eval forward, probabilities, MIL fake
+                   probability, patch similarity map).
+  torch eager / torch compiled train and infer
+                   benchmarks/torch_twin.py: the same model, losses and AdamW (fused on GPU,
+                   foreach on CPU), channels_last, bf16 autocast for --dtype bfloat16;
+                   "compiled" = torch.compile of forward + loss (train) or of the eval forward.
+Each runner is compiled / warmed up first (its first call, minus one steady step, is reported
+as compile time), then the runners take turns, window by window (``--windows`` rounds of
+``--steps`` steps each, starting at a different runner each round), so that a change of load
+on a shared machine hits all of them alike. The device is synchronised before and after each
+window (block_until_ready / cuda.synchronize); figures are medians over the windows.
+
+--end-to-end adds the rate of the real input pipeline (cmil_jax.data.pipeline, grain workers,
+decoding PNG records of synthetic faces, weak augmentation, DevicePrefetcher) feeding the same
+jitted step, next to the device-only rate. It needs grain.
+
+Experiments, alternated with the rest: ``--jax-variant`` times the same jitted train step
+compiled with other XLA:CPU options (XLA_CPU_VARIANTS) and/or with a proposed model change
+(MODEL_EXPERIMENTS: 'conv1x1_dot'); ``--torch-alt-threads 1`` times each torch runner again
+with torch.set_num_threads(1) during its windows. Besides images/s, each runner reports the
+process CPU time per step, which a shared machine's load disturbs much less than wall time.
+
+The JAX run uses the project's own code; the config comes from cmil_jax.config_base when
+ml_collections is importable, else from an identical plain namespace (DEFAULTS below).
+SIGTERM (e.g. from ``timeout``) stops the timing and reports the windows measured so far.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import functools
+import json
+import os
+import platform
+import signal
+import statistics
+import sys
+import time
+import types
+
+import numpy as np
+
+# Paper recipe, the fields of cmil_jax.config_base that the model, optimizer and losses read.
+DEFAULTS = {
+    "model": dict(
+        backbone="resnet50",
+        backbone_width=64,
+        dilate_last=False,
+        width=384,
+        num_heads=6,
+        mlp_ratio=4.0,
+        embed_dim=128,
+        patch_pool="mean",
+        pool_temperature=1.0,
+        mil_bias_init=0.5,
+        num_class_tokens=5,
+        num_classes=5,
+        dtype="float32",
+    ),
+    "train": dict(
+        lr=1e-4,
+        backbone_lr_mult=0.1,
+        weight_decay=0.05,
+        warmup_steps=1000,
+        b1=0.9,
+        b2=0.999,
+        grad_clip=0.0,
+    ),
+    "loss": dict(
+        alpha=1.0,
+        lambda1=1.0,
+        lambda2=1.0,
+        tau=0.2,
+        num_lowest=0,
+        rank_order="first_high",
+        use_rank=True,
+    ),
+}
+TOTAL_STEPS = 100_000  # length of the LR schedule (only its shape matters here)
+RUNNERS = (
+    "jax_train",
+    "torch_eager_train",
+    "torch_compiled_train",
+    "jax_infer",
+    "torch_eager_infer",
+    "torch_compiled_infer",
+)
+# XLA:CPU compiler options for --jax-variant (jaxlib 0.10: convolutions and dots go to YNNPACK
+# fusions by default; these switch them to XLA's own (Eigen) kernels or to oneDNN).
+XLA_CPU_VARIANTS = {
+    "onednn_custom_call": {"xla_cpu_experimental_onednn_custom_call": True},
+    # YNNPACK for dots only: convolutions go to XLA's Eigen kernels.
+    "ynn_dot": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
+    "no_ynn": {"xla_cpu_experimental_ynn_fusion_type": ""},
+    "no_ynn_onednn_custom_call": {
+        "xla_cpu_experimental_ynn_fusion_type": "",
+        "xla_cpu_experimental_onednn_custom_call": True,
+    },
+}
+# Not a preset: {"xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_fusion_type":
+# "LIBRARY_FUSION_TYPE_DOT"} aborts the process in the ResNet-50 step ("partition compile failed").
+DATA_MODULES_FOR_TRAIN = ("grain", "tensorflow_datasets", "array_record", "etils")
+
+
+class Interrupted(BaseException):
+    """SIGTERM (e.g. from `timeout`): stop timing and report what was measured."""
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(f"signal {signum}")
+
+
+def log(*args):
+    print(*args, file=sys.stderr, flush=True)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--backbone", default="resnet50")
+    p.add_argument(
+        "--backbone-width", type=int, default=None, help="ResNet base width (default: config)"
+    )
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    p.add_argument("--steps", type=int, default=10, help="steps per timed window")
+    p.add_argument(
+        "--warmup", type=int, default=3, help="untimed steps after the first (compiling) call"
+    )
+    p.add_argument(
+        "--windows", type=int, default=5, help="timed windows per runner (median reported)"
+    )
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    p.add_argument(
+        "--torch-compile-mode", default=None, help="torch.compile mode (default: inductor default)"
+    )
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (default: torch's own default, one per core)",
+    )
+    p.add_argument(
+        "--xla-onednn",
+        action="store_true",
+        help="add --xla_cpu_experimental_onednn_custom_call=true to XLA_FLAGS (CPU)",
+    )
+    p.add_argument(
+        "--jax-variant",
+        action="append",
+        default=[],
+        metavar="NAME[=KEY=VAL;...]",
+        help="also time the JAX train step compiled with these XLA options (repeatable; "
+        f"presets: {', '.join(XLA_CPU_VARIANTS)})",
+    )
+    p.add_argument(
+        "--torch-alt-threads",
+        type=int,
+        default=None,
+        help="CPU: also time each torch runner with this many threads (switched per window)",
+    )
+    p.add_argument("--no-infer", action="store_true", help="training step only")
+    p.add_argument("--only", default=None, help="comma list of runners to time (default: all)")
+    p.add_argument("--end-to-end", action="store_true", help="also time the grain input pipeline")
+    p.add_argument("--e2e-workers", type=int, default=None, help="grain worker processes")
+    p.add_argument("--e2e-examples", type=int, default=256, help="distinct synthetic records")
+    p.add_argument("--e2e-steps", type=int, default=None, help="steps per end-to-end window")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument(
+        "--report",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="print the markdown tables of earlier --json results and exit",
+    )
+    args = p.parse_args(argv)
+    args.jax_variant = [parse_variant(v) for v in args.jax_variant]
+    return args
+
+
+# ---------------------------------------------------------------------------- environment
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "grain"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:  # not installed or no __version__
+            out[name] = None
+    out["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "")
+    return out
+
+
+def import_train():
+    """cmil_jax.train, with stand-ins for its data imports when grain/TFDS are not installed.
+
+    make_train_step, make_eval_step, create_state and build_model do not use the data modules,
+    so a GPU image without grain/TFDS can still time them. The stand-ins raise ImportError on
+    any use except ``sources.DataError`` (imported by cmil_jax.faults at module level).
+    Returns (module, note or None).
+    """
+    try:
+        from cmil_jax import train
+
+        return train, None
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in DATA_MODULES_FOR_TRAIN:
+            raise
+        missing = e.name
+
+    class Unavailable(types.ModuleType):
+        def __getattr__(self, attr):
+            if attr.startswith("__"):
+                raise AttributeError(attr)
+            raise ImportError(f"{self.__name__}.{attr} is unavailable: {missing} is not installed")
+
+    for name in ("cmil_jax.data.pipeline", "cmil_jax.data.sources"):
+        if name not in sys.modules:
+            sys.modules[name] = Unavailable(name)
+    sys.modules["cmil_jax.data.sources"].DataError = type("DataError", (ValueError,), {})
+    for name in ("cmil_jax.train", "cmil_jax.faults"):
+        sys.modules.pop(name, None)
+    from cmil_jax import train
+
+    note = (
+        f"{missing} is not installed: cmil_jax.train was imported with stand-ins for "
+        "cmil_jax.data.pipeline/sources (unused by the timed steps)"
+    )
+    log("note:", note)
+    return train, note
+
+
+def make_config(args):
+    """(config namespace with .seed/.model/.train/.loss, where it came from)."""
+    try:
+        from cmil_jax import config_base
+
+        base = config_base.base_config()
+        parts = {k: base[k].to_dict() for k in ("model", "train", "loss")}
+        source = "cmil_jax.config_base.base_config()"
+    except ImportError:
+        parts = {k: dict(v) for k, v in DEFAULTS.items()}
+        source = "benchmarks.throughput.DEFAULTS (ml_collections not installed)"
+    parts["model"].update(backbone=args.backbone, dtype=args.dtype)
+    if args.backbone_width:
+        parts["model"]["backbone_width"] = args.backbone_width
+    cfg = types.SimpleNamespace(seed=0, **{k: types.SimpleNamespace(**v) for k, v in parts.items()})
+    return cfg, source
+
+
+def host_batch(batch: int, size: int, seed: int = 0) -> dict:
+    """A training batch as the pipeline yields it (contract keys and dtypes)."""
+    rng = np.random.default_rng(seed)
+    label = np.zeros((batch, 5), np.int32)
+    for i in range(batch):
+        n = int(rng.integers(0, 4))
+        label[i, :n] = rng.permutation(np.arange(1, 6))[:n]
+    return {
+        "image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
+        "label": label,
+        "is_fake": label.any(1).astype(np.int32),
+        "mask": np.zeros((batch, size, size), np.uint8),
+        "has_seq": np.ones((batch,), np.float32),
+    }
+
+
+# ---------------------------------------------------------------------------- runners
+
+
+class Runner:
+    """One thing to time: ``call()`` enqueues one step, ``sync()`` waits for the device.
+
+    ``prepare()`` (optional) runs once before the first call (e.g. an ahead-of-time compile);
+    ``enter()`` / ``leave()`` (optional) run around each window (e.g. a thread-count switch).
+    """
+
+    def __init__(self, name, call, sync, images_per_step, prepare=None, enter=None, leave=None):
+        self.name, self.call, self.sync, self.images_per_step = name, call, sync, images_per_step
+        self.prepare, self.enter, self.leave = prepare, enter, leave
+        self.first_call_s = None
+        self.rates = []
+        self.cpu_s_per_step = []  # process CPU time (all threads) per step
+
+    def first(self, warmup):
+        if self.enter:
+            self.enter()
+        try:
+            t = time.perf_counter()
+            if self.prepare:
+                self.prepare()
+            self.call()
+            self.sync()
+            self.first_call_s = time.perf_counter() - t
+            for _ in range(warmup):
+                self.call()
+            self.sync()
+        finally:
+            if self.leave:
+                self.leave()
+
+    def window(self, steps):
+        if self.enter:
+            self.enter()
+        try:
+            self.sync()
+            t, c = time.perf_counter(), time.process_time()
+            for _ in range(steps):
+                self.call()
+            self.sync()
+            dt = time.perf_counter() - t
+            self.cpu_s_per_step.append((time.process_time() - c) / steps)
+        finally:
+            if self.leave:
+                self.leave()
+        self.rates.append(steps * self.images_per_step / dt)
+        return dt
+
+    def median(self):
+        return statistics.median(self.rates) if self.rates else None
+
+    def compile_s(self):
+        """First call minus one steady-state step (trace + compile + autotuning)."""
+        if self.first_call_s is None or not self.rates:
+            return None
+        return max(0.0, self.first_call_s - self.images_per_step / self.median())
+
+    def summary(self):
+        return {
+            "images_per_sec": self.median(),
+            "windows_images_per_sec": self.rates,
+            "first_call_s": self.first_call_s,
+            "compile_s": self.compile_s(),
+            "process_cpu_s_per_step": statistics.median(self.cpu_s_per_step)
+            if self.cpu_s_per_step
+            else None,
+        }
+
+
+@contextlib.contextmanager
+def conv1x1_as_dot():
+    """Experiment (proposed for cmil_jax/models/resnet.py): 1x1 convolutions as a matrix product.
+
+    Same 'kernel' (1, 1, in, out) parameter, so variables and checkpoints are unchanged; a
+    stride-2 1x1 conv (padding 0) is a strided slice followed by the product. Active while a
+    variant is traced.
+    """
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from cmil_jax.models import resnet
+
+    class DotConv1x1(nn.Module):
+        features: int
+        stride: int = 1
+        dtype: object = jnp.float32
+        param_dtype: object = jnp.float32
+
+        @nn.compact
+        def __call__(self, x):
+            kernel = self.param(
+                "kernel", resnet._conv_init, (1, 1, x.shape[-1], self.features), self.param_dtype
+            )
+            if self.stride > 1:
+                x = x[:, :: self.stride, :: self.stride, :]
+            x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+            return jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0])
+
+    original = resnet._conv
+
+    def conv(features, kernel, stride=1, dilation=1, *, name, dtype, param_dtype):
+        if kernel == 1:
+            return DotConv1x1(features, stride, dtype=dtype, param_dtype=param_dtype, name=name)
+        return original(
+            features, kernel, stride, dilation, name=name, dtype=dtype, param_dtype=param_dtype
+        )
+
+    resnet._conv = conv
+    try:
+        yield
+    finally:
+        resnet._conv = original
+
+
+MODEL_EXPERIMENTS = {"conv1x1_dot": conv1x1_as_dot}
+
+
+def parse_variant(spec: str):
+    """-> (name, XLA compiler options, model experiment name or None).
+
+    spec: '+'-joined presets of XLA_CPU_VARIANTS / MODEL_EXPERIMENTS (e.g. 'conv1x1_dot+ynn_dot'),
+    or 'name=key=value;key=value' with raw XLA options.
+    """
+    if "=" not in spec:
+        options, experiment = {}, None
+        for part in spec.split("+"):
+            if part in XLA_CPU_VARIANTS:
+                options.update(XLA_CPU_VARIANTS[part])
+            elif part in MODEL_EXPERIMENTS:
+                experiment = part
+            elif part != "default":
+                raise SystemExit(
+                    f"unknown --jax-variant part {part!r}; presets: "
+                    f"{sorted(XLA_CPU_VARIANTS) + sorted(MODEL_EXPERIMENTS)}"
+                )
+        return spec, options, experiment
+    name, rest = spec.split("=", 1)
+    options = {}
+    for item in filter(None, rest.split(";")):
+        key, value = item.split("=", 1)
+        options[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return name, options, None
+
+
+def jax_runners(train, cfg, args, batch_np, want):
+    import jax
+
+    from cmil_jax import optim, parallel
+
+    mesh = parallel.make_mesh()
+    batch_sharding = parallel.batch_sharding(mesh)
+    model = train.build_model(cfg.model)
+    tx_fn = functools.partial(optim.make_optimizer, cfg.train, TOTAL_STEPS)
+    t = time.perf_counter()
+    state, state_shardings = train.create_state(cfg, model, tx_fn, mesh, args.image_size)
+    jax.block_until_ready(state)
+    init_s = time.perf_counter() - t
+    tx = tx_fn(state.params)
+    train_step = train.make_train_step(model, tx, cfg.loss, state_shardings, batch_sharding)
+    var_shardings = {"params": state_shardings.params, "batch_stats": state_shardings.batch_stats}
+    eval_step = train.make_eval_step(model, cfg.loss, var_shardings, batch_sharding)
+
+    batch = parallel.to_global(batch_np, batch_sharding)
+    eval_batch = {"image": batch["image"]}
+    host_vars = jax.device_get(state.variables())
+    # The train step donates its state: inference and each compiler variant get their own copy.
+    infer_vars = jax.tree.map(lambda x: x.copy(), state.variables())
+    variant_states = {
+        name: jax.tree.map(lambda x: x.copy(), state) for name, _, _ in args.jax_variant
+    }
+    ctx = {"state": state, "metrics": None, "out": None}
+
+    def train_call():
+        ctx["state"], ctx["metrics"] = train_step(ctx["state"], batch)
+
+    def train_sync():
+        jax.block_until_ready((ctx["state"], ctx["metrics"]))
+
+    def infer_call():
+        ctx["out"] = eval_step(infer_vars, eval_batch)
+
+    def infer_sync():
+        jax.block_until_ready(ctx["out"])
+
+    runners = {}
+    b = args.batch
+    if "jax_train" in want:
+        runners["jax_train"] = Runner("jax_train", train_call, train_sync, b)
+        for name, options, experiment in args.jax_variant:
+            # The same jitted train step, compiled ahead of time with other XLA options (and,
+            # for a model experiment, traced anew with the experiment active).
+            v = {"state": variant_states[name], "metrics": None, "exe": None}
+
+            def prepare(v=v, options=options, experiment=experiment):
+                step_fn = train_step
+                patch = MODEL_EXPERIMENTS[experiment]() if experiment else contextlib.nullcontext()
+                with patch:
+                    if experiment:
+                        step_fn = train.make_train_step(
+                            model, tx, cfg.loss, state_shardings, batch_sharding
+                        )
+                    lowered = step_fn.lower(v["state"], batch)
+                v["exe"] = lowered.compile(compiler_options=options or None)
+
+            def call(v=v):
+                v["state"], v["metrics"] = v["exe"](v["state"], batch)
+
+            def sync(v=v):
+                jax.block_until_ready((v["state"], v["metrics"]))
+
+            runners[f"jax_train@{name}"] = Runner(
+                f"jax_train@{name}", call, sync, b, prepare=prepare
+            )
+    if "jax_infer" in want:
+        runners["jax_infer"] = Runner("jax_infer", infer_call, infer_sync, b)
+    extra = {
+        "init_s": init_s,
+        "train_step": train_step,
+        "ctx": ctx,
+        "mesh": mesh,
+        "batch_sharding": batch_sharding,
+    }
+    return runners, host_vars, extra
+
+
+def torch_runners(cfg, args, batch_np, flax_vars, want):
+    import torch
+
+    from benchmarks import torch_twin as tt
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    default_threads = torch.get_num_threads()
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")  # TF32, as XLA's default precision on GPU
+    amp = torch.bfloat16 if args.dtype == "bfloat16" else None
+    m = cfg.model
+    model = tt.CMIL(
+        m.backbone,
+        m.num_class_tokens,
+        m.num_classes,
+        m.width,
+        m.num_heads,
+        m.mlp_ratio,
+        m.embed_dim,
+        m.patch_pool,
+        m.pool_temperature,
+        m.dilate_last,
+        m.backbone_width,
+        m.mil_bias_init,
+        image_size=args.image_size,
+    )
+    tt.load_from_flax(model, flax_vars)
+    model = model.to(device, memory_format=torch.channels_last)
+    t = cfg.train
+    opt, sched = tt.make_optimizer(
+        model,
+        lr=t.lr,
+        backbone_lr_mult=t.backbone_lr_mult,
+        weight_decay=t.weight_decay,
+        betas=(t.b1, t.b2),
+        warmup_steps=t.warmup_steps,
+        total_steps=TOTAL_STEPS,
+    )
+    loss_kwargs = dict(
+        alpha=cfg.loss.alpha,
+        lambda1=cfg.loss.lambda1,
+        lambda2=cfg.loss.lambda2,
+        tau=cfg.loss.tau,
+        num_lowest=cfg.loss.num_lowest or None,
+        rank_order=cfg.loss.rank_order,
+        use_rank=cfg.loss.use_rank,
+    )
+    batch = {k: torch.from_numpy(v).to(device) for k, v in batch_np.items() if k != "mask"}
+    compile_kwargs = {"mode": args.torch_compile_mode} if args.torch_compile_mode else {}
+    ctx = {}
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    fns = {}
+    for compiled in (False, True):
+        kind = "compiled" if compiled else "eager"
+        if compiled and args.no_compile:
+            continue
+        if f"torch_{kind}_train" in want:
+            step = tt.make_train_step(
+                model,
+                opt,
+                sched,
+                loss_kwargs,
+                amp_dtype=amp,
+                compile=compiled,
+                compile_kwargs=compile_kwargs,
+            )
+            fns[f"torch_{kind}_train"] = lambda step=step: ctx.__setitem__("m", step(batch))
+        if f"torch_{kind}_infer" in want:
+            infer = tt.make_eval_step(
+                model,
+                tau=cfg.loss.tau,
+                num_lowest=cfg.loss.num_lowest or None,
+                amp_dtype=amp,
+                compile=compiled,
+                compile_kwargs=compile_kwargs,
+            )
+            fns[f"torch_{kind}_infer"] = lambda infer=infer: ctx.__setitem__(
+                "o", infer(batch["image"])
+            )
+
+    runners = {}
+    for name, fn in fns.items():
+        runners[name] = Runner(name, fn, sync, args.batch)
+        if args.torch_alt_threads and not cuda:
+            n = args.torch_alt_threads
+            runners[f"{name}@{n}t"] = Runner(
+                f"{name}@{n}t",
+                fn,
+                sync,
+                args.batch,
+                enter=lambda n=n: torch.set_num_threads(n),
+                leave=lambda: torch.set_num_threads(default_threads),
+            )
+    device_name = torch.cuda.get_device_name() if cuda else "cpu"
+    return runners, {"device": device_name, "threads": default_threads}
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+class SyntheticPNGSource:
+    """n synthetic faces held as PNG bytes and decoded on access, as RecordSource does.
+
+    ``source[i]`` -> dict image uint8 (S,S,3) RGB, mask uint8 (S,S), label int32 (5,),
+    landmarks float32 (68,2), is_fake int32.
+    """
+
+    def __init__(
+        self, n: int, image_size: int = 256, subset: str = "facial_attributes", seed: int = 0
+    ):
+        import cv2
+
+        from cmil_jax.data import synthetic
+
+        png = [int(cv2.IMWRITE_PNG_COMPRESSION), 1]
+        self.records = []
+        for i in range(n):
+            ex = synthetic.generate_example(subset, i, seed, image_size)
+            image = cv2.imencode(".png", cv2.cvtColor(ex["image"], cv2.COLOR_RGB2BGR), png)[
+                1
+            ].tobytes()
+            mask = cv2.imencode(".png", ex["mask"], png)[1].tobytes()
+            self.records.append(
+                (
+                    image,
+                    mask,
+                    np.asarray(ex["label"], np.int32),
+                    np.asarray(ex["landmarks"], np.float32),
+                )
+            )
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        import cv2
+
+        image, mask, label, landmarks = self.records[int(index)]
+        image = cv2.cvtColor(
+            cv2.imdecode(np.frombuffer(image, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB
+        )
+        mask = cv2.imdecode(np.frombuffer(mask, np.uint8), cv2.IMREAD_UNCHANGED)
+        return {
+            "image": image,
+            "mask": mask,
+            "label": label,
+            "landmarks": landmarks,
+            "is_fake": np.int32(label.any()),
+        }
+
+
+def end_to_end(args, jax_extra, device_only_rate):
+    """images/s of grain pipeline -> DevicePrefetcher -> the same jitted train step."""
+    import jax
+
+    from cmil_jax import parallel
+
+    try:
+        from cmil_jax.data import pipeline
+    except ImportError as e:
+        return {"error": f"end-to-end needs the grain pipeline: {e}"}
+    workers = (
+        args.e2e_workers
+        if args.e2e_workers is not None
+        else max(1, min(16, (os.cpu_count() or 2) - 2))
+    )
+    t = time.perf_counter()
+    source = SyntheticPNGSource(args.e2e_examples, image_size=256)
+    build_s = time.perf_counter() - t
+    ds = pipeline.make_train_dataset(
+        source,
+        batch_size=args.batch,
+        seed=0,
+        image_size=args.image_size,
+        shard=False,
+        num_workers=workers,
+        prefetch=4,
+    )
+    it = iter(ds)
+    batches = parallel.DevicePrefetcher(it, jax_extra["batch_sharding"], size=2)
+    ctx, step = jax_extra["ctx"], jax_extra["train_step"]
+
+    def call():
+        ctx["state"], ctx["metrics"] = step(ctx["state"], next(batches))
+
+    def sync():
+        jax.block_until_ready((ctx["state"], ctx["metrics"]))
+
+    runner = Runner("jax_train_end_to_end", call, sync, args.batch)
+    steps = args.e2e_steps or 2 * args.steps
+    t = time.perf_counter()
+    runner.first(max(args.warmup, 3))  # starts the workers; the step itself is already compiled
+    startup_s = time.perf_counter() - t
+    for _ in range(args.windows):
+        runner.window(steps)
+    rate = runner.median()
+    return {
+        "jax_train_end_to_end_images_per_sec": rate,
+        "jax_train_device_only_images_per_sec": device_only_rate,
+        "end_to_end_vs_device_only": rate / device_only_rate if device_only_rate else None,
+        "windows_images_per_sec": runner.rates,
+        "steps_per_window": steps,
+        "grain_workers": workers,
+        "records": args.e2e_examples,
+        "records_build_s": build_s,
+        "pipeline_startup_s": startup_s,
+        "pipeline": "cmil_jax.data.pipeline.make_train_dataset (PNG decode, weak augmentation)",
+    }
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def run(args) -> dict:
+    if args.xla_onednn:
+        flag = "--xla_cpu_experimental_onednn_custom_call=true"
+        if flag not in os.environ.get("XLA_FLAGS", ""):
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+    # JAX and PyTorch share one GPU here: do not let JAX preallocate 75% of it.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
+
+    import jax
+
+    want = set(args.only.split(",")) if args.only else set(RUNNERS)
+    if args.no_infer:
+        want -= {r for r in RUNNERS if r.endswith("_infer")}
+    unknown = want - set(RUNNERS)
+    if unknown:
+        raise SystemExit(f"unknown runners {sorted(unknown)}; choose from {RUNNERS}")
+
+    load_before = os.getloadavg()
+    train, import_note = import_train()
+    cfg, config_source = make_config(args)
+    batch_np = host_batch(args.batch, args.image_size)
+
+    log(
+        f"building JAX state ({args.backbone}, {args.image_size}px, batch {args.batch}, "
+        f"{args.dtype})"
+    )
+    runners, flax_vars, jax_extra = jax_runners(train, cfg, args, batch_np, want)
+    torch_info, torch_error = {}, None
+    if any(r.startswith("torch") for r in want):
+        try:
+            t_runners, torch_info = torch_runners(cfg, args, batch_np, flax_vars, want)
+            runners.update(t_runners)
+        except ImportError as e:
+            torch_error = f"torch unavailable: {e}"
+            log(torch_error)
+    del flax_vars
+
+    order = sorted(runners, key=lambda n: (RUNNERS.index(n.split("@")[0]), n))
+    compile_errors = {}
+    interrupted = None
+    signal.signal(signal.SIGTERM, _raise_interrupted)  # `timeout` -> report what was measured
+
+    def warm(names):
+        for name in names:
+            r = runners[name]
+            log(f"{name}: first call (compile) ...")
+            try:
+                r.first(args.warmup)
+            except Exception as e:  # torch.compile / XLA option failures are reported, not fatal
+                if not (name.startswith("torch_compiled") or "@" in name):
+                    raise
+                compile_errors[name] = f"{type(e).__name__}: {e}"[:2000]
+                log(f"{name} failed: {compile_errors[name][:500]}")
+                del runners[name]
+                order.remove(name)
+                continue
+            log(f"{name}: first call {r.first_call_s:.1f}s")
+
+    def window_round(w):
+        rotated = order[w % len(order) :] + order[: w % len(order)]
+        ran = [n for n in rotated if len(runners[n].rates) < args.windows]
+        for name in ran:
+            runners[name].window(args.steps)
+        log(
+            f"window {w + 1}/{args.windows}: "
+            + ", ".join(f"{n} {runners[n].rates[-1]:.2f}" for n in order if n in ran)
+        )
+
+    try:
+        # torch.compile is slowest to compile: the other runners get one window first, so that
+        # a run cut short by `timeout` still reports them.
+        costly = [n for n in order if n.startswith("torch_compiled")]
+        warm([n for n in order if n not in costly])
+        if costly and args.windows > 1:
+            for name in list(order):
+                if name not in costly:
+                    runners[name].window(args.steps)
+        warm(costly)
+        for w in range(args.windows):
+            window_round(w)
+    except Interrupted as e:
+        interrupted = str(e)
+        log(f"interrupted ({e}); reporting the windows measured so far")
+        for name in list(order):
+            if not runners[name].rates:
+                del runners[name]
+                order.remove(name)
+
+    def rate(name):
+        return runners[name].median() if name in runners else None
+
+    dev = jax.devices()[0]
+    result = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": " ".join(
+            [os.path.basename(sys.executable), "-m", "benchmarks.throughput"] + sys.argv[1:]
+        ),
+        "device": f"{dev.platform}: {dev.device_kind}"
+        + (f" ({cpu_model()}, {os.cpu_count()} cores)" if dev.platform == "cpu" else ""),
+        "torch_device": torch_info.get("device"),
+        "torch_threads": torch_info.get("threads"),
+        "versions": versions(),
+        "backbone": args.backbone,
+        "image_size": args.image_size,
+        "batch": args.batch,
+        "dtype": args.dtype,
+        "steps_per_window": args.steps,
+        "windows": args.windows,
+        "warmup": args.warmup,
+        "config_source": config_source,
+        "import_note": import_note,
+        "jax_init_s": jax_extra["init_s"],
+    }
+    for name in RUNNERS:
+        result[f"{name}_images_per_sec"] = rate(name)
+    for name in RUNNERS:
+        if name.startswith(("jax", "torch_compiled")):
+            result[f"{name}_compile_s"] = runners[name].compile_s() if name in runners else None
+    failed = {k: v for k, v in compile_errors.items() if k.startswith("torch_compiled")}
+    result["torch_compile_error"] = "; ".join(f"{k}: {v}" for k, v in failed.items()) or None
+    if args.no_compile:
+        result["torch_compile_error"] = "skipped (--no-compile)"
+    result["errors"] = compile_errors
+    result["torch_error"] = torch_error
+    result["jax_variants"] = {
+        name: {"xla_options": options, "model_experiment": experiment}
+        for name, options, experiment in args.jax_variant
+    }
+    result["runners"] = {n: runners[n].summary() for n in order}
+
+    ratios = {}
+    for kind in ("train", "infer"):
+        j, e, c = rate(f"jax_{kind}"), rate(f"torch_eager_{kind}"), rate(f"torch_compiled_{kind}")
+        if j and e:
+            ratios[f"jax_vs_torch_eager_{kind}"] = j / e
+        if j and c:
+            ratios[f"jax_vs_torch_compiled_{kind}"] = j / c
+        best = max([x for x in (e, c) if x] or [0])
+        if j and best:
+            ratios[f"jax_vs_torch_best_{kind}"] = j / best
+        # Best of everything that ran (JAX compiler variants, torch thread variants).
+        jax_all = [runners[n].median() for n in order if n.startswith(f"jax_{kind}")]
+        torch_all = [
+            runners[n].median() for n in order if n.startswith("torch") and f"_{kind}" in n
+        ]
+        if jax_all and torch_all and (len(jax_all) > 1 or len(torch_all) > 2):
+            ratios[f"jax_best_variant_vs_torch_best_variant_{kind}"] = max(jax_all) / max(torch_all)
+    result["ratios"] = ratios
+
+    result["interrupted"] = interrupted
+    if args.end_to_end and interrupted:
+        result["end_to_end"] = {"error": "skipped: run interrupted"}
+    elif args.end_to_end:
+        if "jax_train" not in runners:
+            result["end_to_end"] = {"error": "needs the jax_train runner"}
+        else:
+            log("end to end: building records and starting grain workers ...")
+            try:
+                result["end_to_end"] = end_to_end(args, jax_extra, rate("jax_train"))
+            except Interrupted as e:
+                result["end_to_end"] = {"error": f"interrupted ({e})"}
+    result["loadavg_before"] = load_before
+    result["loadavg_after"] = os.getloadavg()
+    return result
+
+
+def format_table(result) -> str:
+    rows = [
+        "| runner | images/s (median) | min | max | CPU s/step | compile s | first call s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def f(x):
+        return "" if x is None else f"{x:.2f}"
+
+    for name, r in result["runners"].items():
+        w = r["windows_images_per_sec"]
+        rows.append(
+            f"| {name} | {f(r['images_per_sec'])} | {f(min(w))} | {f(max(w))} | "
+            f"{f(r['process_cpu_s_per_step'])} | "
+            f"{f(None if name.startswith('torch_eager') else r['compile_s'])} | "
+            f"{f(r['first_call_s'])} |"
+        )
+    e2e = result.get("end_to_end")
+    if e2e and "jax_train_end_to_end_images_per_sec" in e2e:
+        w = e2e["windows_images_per_sec"]
+        rows.append(
+            f"| jax_train_end_to_end ({e2e['grain_workers']} grain workers) | "
+            f"{f(e2e['jax_train_end_to_end_images_per_sec'])} | {f(min(w))} | {f(max(w))} | | | |"
+        )
+    r = result
+    header = (
+        f"{r['device']}; torch {r.get('torch_device')} ({r.get('torch_threads')} threads); "
+        f"{r['backbone']} {r['image_size']}px batch {r['batch']} {r['dtype']}; "
+        f"loadavg {r['loadavg_before'][0]:.2f} -> {r['loadavg_after'][0]:.2f}"
+    )
+    lines = [header, *rows, ""]
+    if e2e and "error" in e2e:
+        lines.append(f"end to end: {e2e['error']}")
+    elif e2e:
+        lines.append(f"end to end / device only: {e2e['end_to_end_vs_device_only']:.2f}")
+    for k, v in result.get("errors", {}).items():
+        lines.append(f"{k} failed: {v[:300]}")
+    for k, v in result["ratios"].items():
+        lines.append(f"{k}: {v:.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.report:
+        for path in args.report:
+            with open(path) as f:
+                result = json.load(f)
+            print(f"### {os.path.basename(path)}\n\n`{result['command']}` ({result['date']})\n")
+            print(format_table(result) + "\n")
+        return
+    result = run(args)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    print(format_table(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
