@@ -655,6 +655,7 @@ def test_demo_training_reads_a_built_seq_deepfake_fixture(tmp_path):
         [sys.executable, "-m", "cmil_jax.main", "--config", "configs/seqcomp.py:demo",
          "--workdir", str(workdir), "--config.data.name=seq_deepfake/facial_components",
          f"--config.data.data_dir={out}", "--config.data.image_size=32",
+         "--config.model.dilate_last=True",  # stride 16: 2x2 patches at 32 px
          "--config.data.num_workers=0", "--config.model.backbone_width=8",
          "--config.model.width=48", "--config.train.batch_size=8",
          "--config.train.num_steps=10", "--config.train.log_every=5",
