@@ -638,7 +638,7 @@ def evaluate_best(cfg, workdir: str, *, data=None, mesh=None, eval_step=None,
                 train=False,
             )
         )
-        abstract = {k: abstract[k] for k in ("params", "batch_stats") if k in abstract}
+        abstract = {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract
         )
