@@ -42,6 +42,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.val_split = "val"
     c.data.test_split = "test"
     c.data.triples = False  # genuine / SBI / fake triples (method.md section 5)
+    # Joint training (method.md section 5, Table A2): a second, binary-only TFDS dataset (e.g.
+    # "ffpp/c23") mixed into every training batch; its samples have has_seq = 0, so only L_CLS
+    # sees them [ours: masking]. "" = off. joint_fraction: its share of each batch [ours].
+    c.data.joint_name = ""
+    c.data.joint_fraction = 0.5
+    c.data.joint_eval_split = "val"  # evaluated with each val pass (keys joint_*); "" = never
+    c.data.joint_test_split = "test"  # tested with the best checkpoints; "" = never
     c.data.num_workers = 8  # grain worker processes (0 = in the main process)
     c.data.prefetch = 2  # batches kept on the device ahead of the step
     # Training skips unreadable/malformed records (replaced by the next good one, listed in
@@ -105,6 +112,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.threshold = 0.5  # p_k > threshold -> class k predicted [ours]
     c.eval.gate_by_fake_prob = False  # zero the sequence when the MIL p(x) < 0.5 [ours]
     c.eval.select_metrics = "fixed_acc,adaptive_acc"  # best checkpoint kept per metric (on val)
+    c.eval.video_auc = True  # video-level AUC/EER/AP when records carry video ids
     return c
 
 

@@ -30,6 +30,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cmil_jax import checkpoint
+from cmil_jax import evaluation
 from cmil_jax import faults
 from cmil_jax import losses
 from cmil_jax import metrics as metrics_lib
@@ -80,36 +81,63 @@ def resolve_data_dir(cfg, workdir: str) -> str:
 def open_splits(cfg, workdir: str, splits) -> dict:
     """Opens the requested splits; builds the synthetic data set first when the config uses it.
 
-    Raises FileNotFoundError naming the missing path (and the command that builds it) before any
-    model is compiled. The train split skips bad records (logged and counted, see
-    `faults.SkipBadRecords`) unless data.max_bad_records is 0; evaluation splits fail on them.
+    `splits`: names among 'train', 'val', 'test' (data.name) and 'joint_train', 'joint_val',
+    'joint_test' (data.joint_name, splits data.train_split / joint_eval_split /
+    joint_test_split). Raises FileNotFoundError naming the missing path (and the command that
+    builds it) before any model is compiled. The train splits skip bad records (logged and
+    counted, see `faults.SkipBadRecords`) unless data.max_bad_records is 0; evaluation splits
+    fail on them.
     """
     data_dir = resolve_data_dir(cfg, workdir)
-    name = cfg.data.name
-    if name.startswith("cmil_synthetic"):
-        syn = cfg.data.synthetic
-        build = functools.partial(
-            sources.build_synthetic,
-            data_dir,
-            cfg.data.subset,
-            image_size=cfg.data.image_size,
-            num_train=syn.num_train,
-            num_val=syn.num_val,
-            num_test=syn.num_test,
-            seed=syn.seed,
-            num_workers=os.cpu_count() or 1,
-        )
-        if checkpoint.is_primary():  # one process builds, the others wait for it
-            build()
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices("cmil_jax: synthetic data built")
-        name = build()  # finds the complete build and returns its name
+    names = {}
     opened = {}
     for split in splits:
-        source = sources.open_split(data_dir, name, getattr(cfg.data, f"{split}_split"))
-        strict = split != "train" or cfg.data.max_bad_records == 0
+        joint = split.startswith("joint_")
+        dataset = cfg.data.joint_name if joint else cfg.data.name
+        if dataset not in names:
+            names[dataset] = _prepared_name(cfg, data_dir, dataset)
+        kind = split.removeprefix("joint_")
+        field = {"train": "train_split", "val": "joint_eval_split" if joint else "val_split",
+                 "test": "joint_test_split" if joint else "test_split"}[kind]
+        source = sources.open_split(data_dir, names[dataset], getattr(cfg.data, field))
+        strict = kind != "train" or cfg.data.max_bad_records == 0
         opened[split] = faults.SkipBadRecords(source, faults.bad_records_path(workdir), strict)
     return opened
+
+
+def _prepared_name(cfg, data_dir: str, name: str) -> str:
+    """The TFDS name to open for `name`; a built-in 'cmil_synthetic/<subset>' is built here."""
+    if not name.startswith("cmil_synthetic"):
+        return name
+    subset = name.split("/")[1] if "/" in name else cfg.data.subset
+    syn = cfg.data.synthetic
+    build = functools.partial(
+        sources.build_synthetic,
+        data_dir,
+        subset,
+        image_size=cfg.data.image_size,
+        num_train=syn.num_train,
+        num_val=syn.num_val,
+        num_test=syn.num_test,
+        seed=syn.seed,
+        num_workers=os.cpu_count() or 1,
+    )
+    if checkpoint.is_primary():  # one process builds, the others wait for it
+        build()
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"cmil_jax: synthetic {subset} built")
+    return build()  # finds the complete build and returns its name
+
+
+def joint_splits(cfg, kind: str) -> tuple[str, ...]:
+    """('joint_<kind>',) when joint training is on and that split is used, else ()."""
+    if not cfg.data.joint_name:
+        return ()
+    if kind == "val" and not cfg.data.joint_eval_split:
+        return ()
+    if kind == "test" and not cfg.data.joint_test_split:
+        return ()
+    return (f"joint_{kind}",)
 
 
 def _per_process(global_batch: int) -> int:
@@ -120,18 +148,27 @@ def _per_process(global_batch: int) -> int:
     return global_batch // jax.process_count()
 
 
-def train_iterator(cfg, source):
-    """Checkpointable iterator of training batches (single images, or triples when configured)."""
+def joint_batch_size(cfg) -> int:
+    """Per-process number of elements (images or triples) of each batch from data.joint_name."""
+    return round(_per_process(cfg.train.batch_size) * cfg.data.joint_fraction)
+
+
+def train_iterator(cfg, source, joint_source=None):
+    """Checkpointable iterator of training batches (single images, or triples when configured),
+    mixed with `joint_source` when joint training is on."""
+    common = {
+        "batch_size": _per_process(cfg.train.batch_size),
+        "seed": cfg.seed,
+        "image_size": cfg.data.image_size,
+        "augment_cfg": cfg.data.augment,
+        "num_workers": cfg.data.num_workers,
+    }
+    if joint_source is not None:
+        return iter(pipeline.make_joint_train_dataset(
+            source, joint_source, joint_batch_size=joint_batch_size(cfg),
+            triples=cfg.data.triples, **common))
     make = pipeline.make_triple_train_dataset if cfg.data.triples else pipeline.make_train_dataset
-    dataset = make(
-        source,
-        batch_size=_per_process(cfg.train.batch_size),
-        seed=cfg.seed,
-        image_size=cfg.data.image_size,
-        augment_cfg=cfg.data.augment,
-        num_workers=cfg.data.num_workers,
-    )
-    return iter(dataset)
+    return iter(make(source, **common))
 
 
 def eval_batches(cfg, source):
@@ -165,6 +202,13 @@ def validate_config(cfg) -> None:
         ("train.max_nonfinite_steps", cfg.train.max_nonfinite_steps >= 0, "must be >= 0"),
         ("data.max_bad_records", cfg.data.max_bad_records >= 0, "must be >= 0"),
     ]
+    if cfg.data.joint_name:
+        per_process = cfg.train.batch_size // processes
+        checks.append((
+            "data.joint_fraction", 0 < joint_batch_size(cfg) < per_process,
+            f"must leave both datasets at least one of the {per_process} elements of each "
+            "(per-process) batch",
+        ))
     for field, ok, why in checks:
         if not ok:
             value = cfg[field.split(".")[0]][field.split(".")[1]]
@@ -321,28 +365,39 @@ def make_eval_step(model, loss_cfg, variables_shardings, batch_sharding):
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate(eval_step, variables, dataset, batch_sharding, cfg) -> dict:
-    """Runs `eval_step` over a finite dataset and returns the metrics of method.md section 4."""
+def evaluate(eval_step, variables, dataset, batch_sharding, cfg, video_ids=None,
+             sequence: bool = True) -> dict:
+    """Runs `eval_step` over a finite dataset and returns the metrics of method.md section 4.
+
+    Sequence metrics (multi-class heads, unless `sequence` is False: binary-only data), binary
+    detection metrics (frame level, and video level when `video_ids`, the (N,) video of each
+    record of the split, is given and eval.video_auc is on) and the localization of the MIL
+    similarity map against the records' manipulation masks.
+    """
     collected = collections.defaultdict(list)
+    meter = evaluation.LocalizationMeter()
     iterator = iter(dataset)
     for batch in iterator:
         device_batch = parallel.to_global(
-            {k: batch[k] for k in ("image", "label", "is_fake", "valid")}, batch_sharding
+            {k: batch[k] for k in ("image", "label", "is_fake", "valid", "mask", "index")},
+            batch_sharding,
         )
         predictions = eval_step(variables, device_batch)
+        # Everything but the images back on every host (gathered over processes).
         out = parallel.to_host(
-            {**predictions, **{k: device_batch[k] for k in ("label", "is_fake", "valid")}}
+            {**predictions, **{k: v for k, v in device_batch.items() if k != "image"}}
         )
         valid = out["valid"] > 0
-        for key in ("probs", "fake_prob", "label", "is_fake"):
+        for key in ("probs", "fake_prob", "label", "is_fake", "index"):
             collected[key].append(np.asarray(out[key])[valid])
+        meter.add_similarity(out["similarity_map"], out["mask"], out["valid"])
     iterator.close()
     probs = np.concatenate(collected["probs"])
     fake_prob = np.concatenate(collected["fake_prob"])
     label = np.concatenate(collected["label"])
     is_fake = np.concatenate(collected["is_fake"])
     result = {"num_images": len(label)}
-    if cfg.model.num_classes > 1:
+    if cfg.model.num_classes > 1 and sequence:
         result.update(
             metrics_lib.sequence_metrics(
                 probs,
@@ -353,13 +408,16 @@ def evaluate(eval_step, variables, dataset, batch_sharding, cfg) -> dict:
                 gate=cfg.eval.gate_by_fake_prob,
             )
         )
-        class_score = probs.max(axis=1)
-    else:
-        class_score = probs[:, 0]
+    class_score = probs.max(axis=1) if cfg.model.num_classes > 1 else probs[:, 0]
     if 0 < is_fake.sum() < len(is_fake):
-        result["auc"] = metrics_lib.binary_auc(class_score, is_fake)
+        frame_videos = None
+        if video_ids is not None and cfg.eval.video_auc:
+            frame_videos = np.asarray(video_ids)[np.concatenate(collected["index"])]
+        result.update(evaluation.binary_metrics(class_score, is_fake, video_ids=frame_videos))
         result["mil_auc"] = metrics_lib.binary_auc(fake_prob, is_fake)
-        result["acc"] = metrics_lib.accuracy_at(class_score, is_fake, 0.5)
+    localization = meter.result()
+    if localization["num_localized"] > 0:
+        result.update(localization)
     return {k: float(v) for k, v in result.items()}
 
 
@@ -501,7 +559,8 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     """
     faults.check_workdir(workdir)
     validate_config(cfg)
-    data = open_splits(cfg, workdir, ("train", "val", "test"))
+    data = open_splits(cfg, workdir, ("train", "val", "test", *joint_splits(cfg, "train"),
+                                      *joint_splits(cfg, "val"), *joint_splits(cfg, "test")))
     if checkpoint.is_primary():
         checkpoint.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
 
@@ -513,7 +572,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     state, state_shardings = create_state(cfg, model, tx_fn, mesh, cfg.data.image_size)
     tx = tx_fn(state.params)
 
-    train_iter = train_iterator(cfg, data["train"])
+    train_iter = train_iterator(cfg, data["train"], data.get("joint_train"))
     manager = checkpoint.make_manager(workdir, cfg.train.keep_checkpoints)
     writer = MetricWriter(workdir)
     abstract_state = jax.tree.map(
@@ -536,9 +595,18 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     eval_step = make_eval_step(model, cfg.loss, var_shardings, batch_sharding)
     best = checkpoint.BestKeeper(workdir, _select_metrics(cfg))
 
-    def run_eval(split, variables, step):
-        ds = eval_batches(cfg, data[split])
-        return evaluate(eval_step, variables, ds, batch_sharding, cfg)
+    videos = {split: evaluation.video_ids(data[split])
+              for split in ("val", *joint_splits(cfg, "val"))}
+
+    def run_eval(variables):
+        """Val metrics; with joint training also the joint dataset's, keys prefixed joint_."""
+        result = evaluate(eval_step, variables, eval_batches(cfg, data["val"]), batch_sharding,
+                          cfg, video_ids=videos["val"])
+        for split in joint_splits(cfg, "val"):
+            joint = evaluate(eval_step, variables, eval_batches(cfg, data[split]),
+                             batch_sharding, cfg, video_ids=videos[split], sequence=False)
+            result.update({f"joint_{k}": v for k, v in joint.items()})
+        return result
 
     batches = parallel.DevicePrefetcher(train_iter, batch_sharding, size=cfg.data.prefetch)
     window = TrainWindow(loop_state.get("log_window", ()))  # per-step metrics until logged
@@ -578,7 +646,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
                         stop = "nonfinite"
                         break
                 if step % cfg.train.eval_every == 0 or step == total_steps:
-                    val = run_eval("val", state.variables(), step)
+                    val = run_eval(state.variables())
                     writer.write(step, "val", val)
                     improved = best.update(step, state.variables(), val)
                     _log(
@@ -646,15 +714,25 @@ def evaluate_best(cfg, workdir: str, *, data=None, mesh=None, eval_step=None,
             model, cfg.loss, jax.tree.map(lambda _: replicated, abstract), batch_sharding
         )
     writer = MetricWriter(workdir)
+    # (split, dataset name, sequence metrics?) tested with every best checkpoint.
+    tests = [("test", cfg.data.name, True)]
+    tests += [(split, cfg.data.joint_name, False) for split in joint_splits(cfg, "test")]
+    missing = [split for split, _, _ in tests if split not in data]
+    if missing:
+        data = {**data, **open_splits(cfg, workdir, missing)}
+    videos = {split: evaluation.video_ids(data[split]) for split, _, _ in tests}
     first = None
     for metric in _select_metrics(cfg):
         step, variables = checkpoint.restore_best(workdir, metric, abstract)
-        ds = eval_batches(cfg, data["test"])
-        result = evaluate(eval_step, variables, ds, batch_sharding, cfg)
-        writer.write(step, "test", result, checkpoint=f"best_{metric}")
-        _log(
-            f"test (best {metric} on val, step {step}): "
-            + " ".join(f"{k}={v:.4f}" for k, v in result.items() if k != "num_images")
-        )
-        first = first or result
+        for split, dataset, sequence in tests:
+            result = evaluate(eval_step, variables, eval_batches(cfg, data[split]),
+                              batch_sharding, cfg, video_ids=videos[split], sequence=sequence)
+            writer.write(step, "test", result, checkpoint=f"best_{metric}", dataset=dataset)
+            _log(
+                f"test on {dataset} (best {metric} on val, step {step}): "
+                + " ".join(f"{k}={v:.4f}" for k, v in result.items() if k != "num_images")
+            )
+            first = first or result
+    if checkpoint.is_primary():
+        evaluation.write_results(workdir)
     return first

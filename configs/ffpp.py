@@ -6,8 +6,8 @@ Build the data first (docs/datasets.md):
     python -m cmil_jax.main --config configs/ffpp.py --workdir runs/ffpp --config.data.data_dir=DATA
 Binary mode [paper]: one class token, one class (target = is_fake), no L_Rank. Training examples
 are genuine / SBI pseudo-fake / fake triples (method.md section 5). Records are frames of the
-official train/val/test videos; `eval.video_auc` asks for video-level AUC as well (frame
-scores averaged per `video_id`).
+official train/val/test videos; with `eval.video_auc` (default) val and test records also get
+video-level AUC, EER and AP (frame scores averaged per `video_id`).
 """
 
 from cmil_jax import config_base
@@ -22,7 +22,6 @@ def binary(c, name="ffpp/c23"):
   c.model.num_classes = 1
   c.loss.use_rank = False
   c.eval.select_metrics = "auc"
-  c.eval.video_auc = True  # proposed: also report 'video_auc' when records carry video ids
   return c
 
 

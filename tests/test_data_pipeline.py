@@ -304,3 +304,33 @@ def test_two_workers_match_in_process(built):
             src, num_workers=0, **kw)), 5)[4:])
     finally:
         it.close()
+
+
+def test_joint_batches_mix_two_streams_in_fixed_proportion(built):
+    data_dir, name = built
+    src = sources.open_split(data_dir, name, "train")
+    kw = {"seed": 5, "image_size": 32}
+    joint = _take(iter(pipeline.make_joint_train_dataset(
+        src, src, batch_size=6, joint_batch_size=2, **kw)), 2)
+    # The first 4 rows are the plain stream of `source`, the last 2 that of the joint source
+    # (seeded with seed + 1, sequence labels masked by has_seq = 0).
+    main_ref = _take(iter(pipeline.make_train_dataset(src, batch_size=4, **kw)), 2)
+    joint_ref = _take(iter(pipeline.make_train_dataset(
+        src, batch_size=2, seed=6, image_size=32, has_seq=False)), 2)
+    for got, a, b in zip(joint, main_ref, joint_ref):
+        assert got["image"].shape == (6, 32, 32, 3)
+        for k in pipeline.TRAIN_KEYS:
+            np.testing.assert_array_equal(got[k], np.concatenate([a[k], b[k]]), err_msg=k)
+        np.testing.assert_array_equal(got["has_seq"], [1, 1, 1, 1, 0, 0])
+    with pytest.raises(ValueError, match="joint_batch_size"):
+        pipeline.make_joint_train_dataset(src, src, batch_size=4, joint_batch_size=4, **kw)
+
+
+def test_joint_triples_keep_triples_whole(built, sbi_module):
+    data_dir, name = built
+    src = sources.open_split(data_dir, name, "train")
+    batch = next(iter(pipeline.make_joint_train_dataset(
+        src, src, batch_size=3, joint_batch_size=1, seed=0, image_size=32, triples=True)))
+    assert batch["image"].shape == (9, 32, 32, 3)
+    np.testing.assert_array_equal(batch["is_fake"], [0, 1, 1] * 3)
+    np.testing.assert_array_equal(batch["has_seq"], [1] * 6 + [0] * 3)

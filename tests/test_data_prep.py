@@ -670,3 +670,34 @@ def test_demo_training_reads_a_built_seq_deepfake_fixture(tmp_path):
     test = [r for r in records if r["split"] == "test"]
     assert test and all(r["num_images"] == 8 for r in test)
     assert all(0.0 <= r["fixed_acc"] <= 1.0 for r in test)
+
+
+@pytest.mark.slow
+def test_binary_training_on_a_built_ffpp_fixture_reports_video_auc(ffpp_raw, tmp_path):
+    out = tmp_path / "tfds"
+    videos.build("ffpp", str(ffpp_raw), str(out), frames=SAMPLED, image_size=CROP,
+                 detector=SquareDetector(), max_skipped=0.4)
+    workdir = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, "-m", "cmil_jax.main", "--config", "configs/ffpp.py",
+         "--workdir", str(workdir), f"--config.data.data_dir={out}",
+         "--config.data.test_split=val",  # the fixture's test split has no genuine video left
+         "--config.data.image_size=32", "--config.model.dilate_last=True",
+         "--config.model.backbone=resnet10", "--config.model.backbone_width=8",
+         "--config.model.width=48", "--config.data.num_workers=0",
+         "--config.train.batch_size=4", "--config.train.num_steps=6",
+         "--config.train.log_every=3", "--config.train.eval_every=6",
+         "--config.train.checkpoint_every=6", "--config.eval.batch_size=8"],
+        check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(workdir / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    val = [r for r in records if r["split"] == "val"]
+    n_videos = 2 + 2 * len(videos.FFPP_METHODS)  # two originals, both directions per method
+    assert val and all(r["num_videos"] == n_videos for r in val)
+    (test,) = [r for r in records if r["split"] == "test"]
+    assert test["dataset"] == "ffpp/c23" and test["num_images"] == n_videos * SAMPLED
+    for key in ("auc", "video_auc", "video_eer", "video_ap", "eer", "ap"):
+        assert 0.0 <= test[key] <= 1.0, key
+    assert "fixed_acc" not in test  # binary model: no sequence metrics

@@ -61,8 +61,15 @@ def test_train_resume_and_eval(tmp_path):
     assert {r["checkpoint"] for r in test} == {"best_fixed_acc", "best_adaptive_acc"}
     for r in test:
         assert r["num_images"] == 40
-        for key in ("fixed_acc", "adaptive_acc", "exact_match", "map", "auc"):
+        for key in ("fixed_acc", "adaptive_acc", "exact_match", "map", "auc", "eer", "ap",
+                    "pixel_auc", "best_iou", "pointing_game"):
             assert 0.0 <= r[key] <= 1.0, (key, r)
+        assert r["dataset"] == "cmil_synthetic/facial_attributes"
+        assert 0 < r["num_localized"] <= 40  # fakes with a manipulation mask
+        assert "video_auc" not in r  # single images: no video-level metrics
+    with open(os.path.join(workdir, "results.md")) as f:
+        table = f.read()
+    assert "pixel AUC" in table and "best_fixed_acc" in table
     assert all(r["loss"] > 0 for r in records if r["split"] == "train" and "loss" in r)
 
     # The same command with more steps resumes at step 20 instead of starting again.
@@ -107,3 +114,22 @@ def test_unwritable_workdir_fails_fast_naming_it(tmp_path):
                   timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"cannot write to --workdir {blocker}/run" in result.stderr
+
+
+def test_joint_training_mixes_a_binary_dataset_and_tests_both(tmp_path):
+    workdir = str(tmp_path / "joint")
+    result = _run("--config", "configs/joint.py:demo", "--workdir", workdir,
+                  f"--config.data.data_dir={tmp_path / 'data'}", *TINY,
+                  "--config.train.batch_size=4", "--config.train.num_steps=10",
+                  "--config.eval.select_metrics=fixed_acc")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = _records(workdir)
+    val = [r for r in records if r["split"] == "val"]
+    assert val and all(0.0 <= r["joint_auc"] <= 1.0 and "joint_fixed_acc" not in r for r in val)
+    test = {r["dataset"]: r for r in records if r["split"] == "test"}
+    assert set(test) == {"cmil_synthetic/facial_components", "cmil_synthetic/facial_attributes"}
+    assert "fixed_acc" in test["cmil_synthetic/facial_components"]
+    binary_only = test["cmil_synthetic/facial_attributes"]
+    assert "fixed_acc" not in binary_only and 0.0 <= binary_only["auc"] <= 1.0
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["data"]["joint_name"] == "cmil_synthetic/facial_attributes"

@@ -253,11 +253,9 @@ def make_train_dataset(source, *, batch_size: int, seed: int, image_size: int,
     batch sequence does not depend on P, and every process reads a disjoint 1/P of the records.
     ``iter(...)`` gives a checkpointable ``grain.DatasetIterator``.
     """
-    cfg = augment_lib.as_config(augment_cfg)
+    ds = _plain_elements(source, seed, image_size, augment_lib.as_config(augment_cfg), has_seq)
     index, count = process_shard(shard)
-    ds = (grain.MapDataset.source(source).seed(seed).shuffle().repeat()
-          .random_map(_AugmentExample(image_size, cfg, has_seq))
-          .batch(batch_size, drop_remainder=True))
+    ds = ds.batch(batch_size, drop_remainder=True)
     return _to_iter(ds[index::count], num_workers, num_threads, prefetch)
 
 
@@ -274,18 +272,66 @@ def make_triple_train_dataset(source, *, batch_size: int, seed: int, image_size:
     Each image is weakly augmented independently. Genuine / fake index lists come from the
     stored labels (no image decoding). ``has_seq`` is the same for all three rows.
     """
+    ds = _triple_elements(source, seed, image_size, augment_lib.as_config(augment_cfg), has_seq)
+    index, count = process_shard(shard)
+    ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_concat_triples)
+    return _to_iter(ds[index::count], num_workers, num_threads, prefetch)
+
+
+def make_joint_train_dataset(source, joint_source, *, batch_size: int, joint_batch_size: int,
+                             seed: int, image_size: int, triples: bool = False,
+                             augment_cfg=None, shard: bool = True, num_workers: int = 0,
+                             num_threads: int = 2, prefetch: int = 4) -> grain.IterDataset:
+    """Infinite batches mixing two datasets in a fixed proportion (joint training, method.md 5).
+
+    Every batch holds batch_size - joint_batch_size elements of ``source`` (has_seq 1: its
+    sequence labels train L^U, L^V and L_Rank) followed by joint_batch_size elements of
+    ``joint_source`` (has_seq 0: a binary-only dataset such as FF++, which only L_CLS sees).
+    Elements are single images, or triples (3 rows each) when ``triples``; both streams are
+    shuffled independently (the joint one with seed + 1) and repeat forever.
+    """
+    if not 0 < joint_batch_size < batch_size:
+        raise ValueError(f"joint_batch_size must be in (0, {batch_size}), got {joint_batch_size}")
     cfg = augment_lib.as_config(augment_cfg)
+    elements = _triple_elements if triples else _plain_elements
+    batch_fn = _concat_triples if triples else None
+    main = elements(source, seed, image_size, cfg, True).batch(
+        batch_size - joint_batch_size, drop_remainder=True, batch_fn=batch_fn)
+    joint = elements(joint_source, seed + 1, image_size, cfg, False).batch(
+        joint_batch_size, drop_remainder=True, batch_fn=batch_fn)
+    ds = grain.MapDataset.range(min(len(main), len(joint))).map(_ConcatBatches(main, joint))
+    index, count = process_shard(shard)
+    return _to_iter(ds[index::count], num_workers, num_threads, prefetch)
+
+
+class _ConcatBatches:
+    """Batch i -> batch i of the first dataset followed by batch i of the second."""
+
+    def __init__(self, first: grain.MapDataset, second: grain.MapDataset):
+        self.first = first
+        self.second = second
+
+    def __call__(self, i: int) -> dict[str, np.ndarray]:
+        a, b = self.first[i], self.second[i]
+        return {k: np.concatenate([a[k], b[k]]) for k in TRAIN_KEYS}
+
+
+def _plain_elements(source, seed: int, image_size: int, cfg, has_seq: bool) -> grain.MapDataset:
+    """Infinite shuffled single weakly augmented training images."""
+    return (grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+            .random_map(_AugmentExample(image_size, cfg, has_seq)))
+
+
+def _triple_elements(source, seed: int, image_size: int, cfg, has_seq: bool) -> grain.MapDataset:
+    """Infinite shuffled training triples, each with a leading axis of 3 (see above)."""
     _, is_fake = _labels_and_fake(source)
     originals = np.flatnonzero(is_fake == 0)
     fakes = np.flatnonzero(is_fake != 0)
     if len(originals) == 0 or len(fakes) == 0:
         raise ValueError(f"triples need genuine and fake images; {source!r} has "
                          f"{len(originals)} genuine and {len(fakes)} fake")
-    index, count = process_shard(shard)
-    ds = (grain.MapDataset.range(len(originals)).seed(seed).shuffle().repeat()
-          .random_map(_TripleExample(source, originals, fakes, image_size, cfg, has_seq))
-          .batch(batch_size, drop_remainder=True, batch_fn=_concat_triples))
-    return _to_iter(ds[index::count], num_workers, num_threads, prefetch)
+    return (grain.MapDataset.range(len(originals)).seed(seed).shuffle().repeat()
+            .random_map(_TripleExample(source, originals, fakes, image_size, cfg, has_seq)))
 
 
 def eval_num_batches(num_examples: int, batch_size: int, shard: bool = True) -> int:
