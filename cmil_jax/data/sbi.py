@@ -16,9 +16,9 @@ Everything is numpy + OpenCV on uint8/float32 and driven by one ``np.random.Gene
 pair is a pure function of (image, landmarks, generator state). All random draws are made in a
 fixed order whatever branches are taken.
 
-Speed (one core, 256 px: see benchmarks/sbi_speed.py). Work is done on the box around the face
+Speed (one core, 256 px: benchmarks/input_pipeline.py). Work is done on the box around the face
 where the mask can be non-zero; outside it fake == real by construction. Results equal the
-plain full-image recipe except in three documented details:
+plain full-image recipe except in four details:
 
 - the elastic displacement field (alpha 50, sigma 7 px) is drawn on a grid ``elastic_grid``
   times coarser with sigma / elastic_grid, its amplitude matched to the full-resolution field
