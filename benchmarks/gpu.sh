@@ -46,13 +46,14 @@ if [ "$SMOKE" = 1 ]; then
   # Small nets (compile time, not width, dominates on CPU); the same code paths as on the GPU
   # except torch.compile (minutes on a small CPU).
   COMMON=(--image-size 64 --batch 4 --dtype float32 --backbone-width 16 --steps 2 --warmup 1 --windows 2 --no-compile)
-  RUNS=("resnet10 150 --jax-variant conv1x1_dot" "resnet18 90")
+  RUNS=("resnet10 150 --jax-variant conv_xla" "resnet18 90")
   E2E=(--end-to-end --e2e-workers 1 --e2e-examples 16 --e2e-steps 2)
 else
   COMMON=(--image-size 256 --batch 128 --dtype bfloat16 --steps 20 --warmup 5 --windows 5)
   # backbone, seconds (JAX + torch.compile compiles, about 2-3 min, and the timed windows), extra
-  # flags. conv1x1_dot: the JAX step with 1x1 convs as matrix products (proposed resnet.py change).
-  RUNS=("resnet50 280 --jax-variant conv1x1_dot" "resnet34 170")
+  # flags. conv_matmul: the JAX step with 1x1 convs as matrix products (model.conv_impl=matmul,
+  # the CPU default; 'auto' is 'xla' on the GPU).
+  RUNS=("resnet50 280 --jax-variant conv_matmul" "resnet34 170")
   E2E=(--end-to-end --e2e-steps 20)
 fi
 

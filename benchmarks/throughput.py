@@ -27,9 +27,10 @@ decoding PNG records of synthetic faces, weak augmentation, DevicePrefetcher) fe
 jitted step, next to the device-only rate. It needs grain.
 
 Experiments, alternated with the rest: ``--jax-variant`` times the same jitted train step
-compiled with other XLA:CPU options (XLA_CPU_VARIANTS) and/or with a proposed model change
-(MODEL_EXPERIMENTS: 'conv1x1_dot'); ``--torch-alt-threads 1`` times each torch runner again
-with torch.set_num_threads(1) during its windows. Besides images/s, each runner reports the
+compiled with other XLA:CPU options (XLA_CPU_VARIANTS) and/or with the convolutions computed
+another way (MODEL_EXPERIMENTS: 'conv_xla', 'conv_matmul', 'conv_im2col');
+``--torch-alt-threads 1`` times each torch runner again with torch.set_num_threads(1) during
+its windows. Besides images/s, each runner reports the
 process CPU time per step, which a shared machine's load disturbs much less than wall time.
 
 The JAX run uses the project's own code; the config comes from cmil_jax.config_base when
@@ -40,7 +41,6 @@ SIGTERM (e.g. from ``timeout``) stops the timing and reports the windows measure
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import functools
 import json
@@ -70,6 +70,7 @@ DEFAULTS = {
         num_class_tokens=5,
         num_classes=5,
         dtype="float32",
+        conv_impl="auto",
     ),
     "train": dict(
         lr=1e-4,
@@ -165,7 +166,7 @@ def parse_args(argv=None):
         default=[],
         metavar="NAME[=KEY=VAL;...]",
         help="also time the JAX train step compiled with these XLA options (repeatable; "
-        f"presets: {', '.join(XLA_CPU_VARIANTS)})",
+        f"presets: {', '.join(list(XLA_CPU_VARIANTS) + list(MODEL_EXPERIMENTS))})",
     )
     p.add_argument(
         "--torch-alt-threads",
@@ -362,58 +363,20 @@ class Runner:
         }
 
 
-@contextlib.contextmanager
-def conv1x1_as_dot():
-    """Experiment (proposed for cmil_jax/models/resnet.py): 1x1 convolutions as a matrix product.
-
-    Same 'kernel' (1, 1, in, out) parameter, so variables and checkpoints are unchanged; a
-    stride-2 1x1 conv (padding 0) is a strided slice followed by the product. Active while a
-    variant is traced.
-    """
-    import flax.linen as nn
-    import jax.numpy as jnp
-
-    from cmil_jax.models import resnet
-
-    class DotConv1x1(nn.Module):
-        features: int
-        stride: int = 1
-        dtype: object = jnp.float32
-        param_dtype: object = jnp.float32
-
-        @nn.compact
-        def __call__(self, x):
-            kernel = self.param(
-                "kernel", resnet._conv_init, (1, 1, x.shape[-1], self.features), self.param_dtype
-            )
-            if self.stride > 1:
-                x = x[:, :: self.stride, :: self.stride, :]
-            x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-            return jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0])
-
-    original = resnet._conv
-
-    def conv(features, kernel, stride=1, dilation=1, *, name, dtype, param_dtype):
-        if kernel == 1:
-            return DotConv1x1(features, stride, dtype=dtype, param_dtype=param_dtype, name=name)
-        return original(
-            features, kernel, stride, dilation, name=name, dtype=dtype, param_dtype=param_dtype
-        )
-
-    resnet._conv = conv
-    try:
-        yield
-    finally:
-        resnet._conv = original
-
-
-MODEL_EXPERIMENTS = {"conv1x1_dot": conv1x1_as_dot}
+# Model variants for --jax-variant: the same variables, convolutions computed another way
+# (cmil_jax.models.resnet.CONV_IMPLS; the default config's 'auto' is 'matmul' on CPU, 'xla' on
+# GPU).
+MODEL_EXPERIMENTS = {
+    "conv_xla": {"conv_impl": "xla"},
+    "conv_matmul": {"conv_impl": "matmul"},
+    "conv_im2col": {"conv_impl": "im2col"},
+}
 
 
 def parse_variant(spec: str):
     """-> (name, XLA compiler options, model experiment name or None).
 
-    spec: '+'-joined presets of XLA_CPU_VARIANTS / MODEL_EXPERIMENTS (e.g. 'conv1x1_dot+ynn_dot'),
+    spec: '+'-joined presets of XLA_CPU_VARIANTS / MODEL_EXPERIMENTS (e.g. 'conv_xla+ynn_dot'),
     or 'name=key=value;key=value' with raw XLA options.
     """
     if "=" not in spec:
@@ -445,6 +408,8 @@ def jax_runners(train, cfg, args, batch_np, want):
     mesh = parallel.make_mesh()
     batch_sharding = parallel.batch_sharding(mesh)
     model = train.build_model(cfg.model)
+    if getattr(cfg.model, "conv_impl", None):
+        model = model.clone(conv_impl=cfg.model.conv_impl)
     tx_fn = functools.partial(optim.make_optimizer, cfg.train, TOTAL_STEPS)
     t = time.perf_counter()
     state, state_shardings = train.create_state(cfg, model, tx_fn, mesh, args.image_size)
@@ -488,13 +453,15 @@ def jax_runners(train, cfg, args, batch_np, want):
 
             def prepare(v=v, options=options, experiment=experiment):
                 step_fn = train_step
-                patch = MODEL_EXPERIMENTS[experiment]() if experiment else contextlib.nullcontext()
-                with patch:
-                    if experiment:
-                        step_fn = train.make_train_step(
-                            model, tx, cfg.loss, state_shardings, batch_sharding
-                        )
-                    lowered = step_fn.lower(v["state"], batch)
+                if experiment:
+                    step_fn = train.make_train_step(
+                        model.clone(**MODEL_EXPERIMENTS[experiment]),
+                        tx,
+                        cfg.loss,
+                        state_shardings,
+                        batch_sharding,
+                    )
+                lowered = step_fn.lower(v["state"], batch)
                 v["exe"] = lowered.compile(compiler_options=options or None)
 
             def call(v=v):
@@ -532,43 +499,11 @@ def torch_runners(cfg, args, batch_np, flax_vars, want):
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")  # TF32, as XLA's default precision on GPU
     amp = torch.bfloat16 if args.dtype == "bfloat16" else None
-    m = cfg.model
-    model = tt.CMIL(
-        m.backbone,
-        m.num_class_tokens,
-        m.num_classes,
-        m.width,
-        m.num_heads,
-        m.mlp_ratio,
-        m.embed_dim,
-        m.patch_pool,
-        m.pool_temperature,
-        m.dilate_last,
-        m.backbone_width,
-        m.mil_bias_init,
-        image_size=args.image_size,
-    )
+    model = tt.model_from_config(cfg.model, args.image_size)
     tt.load_from_flax(model, flax_vars)
     model = model.to(device, memory_format=torch.channels_last)
-    t = cfg.train
-    opt, sched = tt.make_optimizer(
-        model,
-        lr=t.lr,
-        backbone_lr_mult=t.backbone_lr_mult,
-        weight_decay=t.weight_decay,
-        betas=(t.b1, t.b2),
-        warmup_steps=t.warmup_steps,
-        total_steps=TOTAL_STEPS,
-    )
-    loss_kwargs = dict(
-        alpha=cfg.loss.alpha,
-        lambda1=cfg.loss.lambda1,
-        lambda2=cfg.loss.lambda2,
-        tau=cfg.loss.tau,
-        num_lowest=cfg.loss.num_lowest or None,
-        rank_order=cfg.loss.rank_order,
-        use_rank=cfg.loss.use_rank,
-    )
+    opt, sched = tt.optimizer_from_config(model, cfg.train, TOTAL_STEPS)
+    loss_kwargs = tt.loss_kwargs_from_config(cfg.loss)
     batch = {k: torch.from_numpy(v).to(device) for k, v in batch_np.items() if k != "mask"}
     compile_kwargs = {"mode": args.torch_compile_mode} if args.torch_compile_mode else {}
     ctx = {}
@@ -596,8 +531,8 @@ def torch_runners(cfg, args, batch_np, flax_vars, want):
         if f"torch_{kind}_infer" in want:
             infer = tt.make_eval_step(
                 model,
-                tau=cfg.loss.tau,
-                num_lowest=cfg.loss.num_lowest or None,
+                tau=loss_kwargs["tau"],
+                num_lowest=loss_kwargs["num_lowest"],
                 amp_dtype=amp,
                 compile=compiled,
                 compile_kwargs=compile_kwargs,

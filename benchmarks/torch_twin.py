@@ -485,6 +485,13 @@ def make_optimizer(
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def _autocast(device_type, amp_dtype):
+    """autocast to ``amp_dtype`` (e.g. torch.bfloat16), or a no-op when it is None."""
+    return torch.autocast(
+        device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+    )
+
+
 def _batch_tensors(batch):
     return {k: batch[k] for k in ("label", "is_fake", "has_seq") if k in batch}
 
@@ -501,9 +508,7 @@ def make_train_step(
     device_type = next(model.parameters()).device.type
 
     def forward_loss(images, labels):
-        with torch.autocast(
-            device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-        ):
+        with _autocast(device_type, amp_dtype):
             out = model(images)
         return total_loss(out, labels, **loss_kwargs)
 
@@ -535,9 +540,7 @@ def make_eval_step(
     device_type = next(model.parameters()).device.type
 
     def infer(images):
-        with torch.autocast(
-            device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-        ):
+        with _autocast(device_type, amp_dtype):
             out = model(images)
         logits = (out["class_logits"] + out["patch_logits"]) / 2
         return {
@@ -556,6 +559,58 @@ def make_eval_step(
             return fn(images)
 
     return run
+
+
+# ============================================================================ from a config
+# The fields of cmil_jax.config_base's model / train / loss sections (attribute access).
+
+MODEL_FIELDS = (
+    "backbone",
+    "num_class_tokens",
+    "num_classes",
+    "width",
+    "num_heads",
+    "mlp_ratio",
+    "embed_dim",
+    "patch_pool",
+    "pool_temperature",
+    "dilate_last",
+    "backbone_width",
+    "mil_bias_init",
+)
+
+
+def model_from_config(model_cfg, image_size: int) -> CMIL:
+    """The twin of ``cmil_jax.train.build_model(model_cfg)`` for ``image_size`` px inputs."""
+    return CMIL(**{k: getattr(model_cfg, k) for k in MODEL_FIELDS}, image_size=image_size)
+
+
+def optimizer_from_config(model, train_cfg, total_steps: int):
+    """make_optimizer with the fields of a config's train section -> (optimizer, scheduler)."""
+    t = train_cfg
+    return make_optimizer(
+        model,
+        lr=t.lr,
+        backbone_lr_mult=t.backbone_lr_mult,
+        weight_decay=t.weight_decay,
+        betas=(t.b1, t.b2),
+        warmup_steps=t.warmup_steps,
+        total_steps=total_steps,
+    )
+
+
+def loss_kwargs_from_config(loss_cfg) -> dict:
+    """Keyword arguments of total_loss from a config's loss section (num_lowest 0 = None)."""
+    c = loss_cfg
+    return {
+        "alpha": c.alpha,
+        "lambda1": c.lambda1,
+        "lambda2": c.lambda2,
+        "tau": c.tau,
+        "num_lowest": c.num_lowest or None,
+        "rank_order": c.rank_order,
+        "use_rank": c.use_rank,
+    }
 
 
 # ============================================================================ Flax weights

@@ -32,9 +32,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to do.")
 _CPU_ONEDNN = flags.DEFINE_bool(
     "cpu_onednn",
-    True,
-    "On CPU, let XLA call oneDNN for convolutions and matmuls (about 1.5x faster train steps "
-    "measured on our 2-core CPU; see benchmarks/RESULTS.md). No effect on GPU.",
+    False,
+    "On CPU, add --xla_cpu_experimental_onednn_custom_call=true to XLA_FLAGS. With jaxlib 0.10.2 "
+    "it changes nothing: XLA:CPU gives convolutions and matmuls to YNNPACK and compiles the "
+    "same program with or without it (train-step CPU time within noise, benchmarks/RESULTS.md); "
+    "older jaxlib versions, whose default was Eigen, may gain from it. No effect on GPU.",
 )
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 (default: $JAX_COORDINATOR_ADDRESS)."

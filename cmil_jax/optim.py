@@ -2,14 +2,16 @@
 
 Two parameter groups: the backbone learns at `lr * backbone_lr_mult` (0.1 in the paper's
 recipe), everything else (tokenizer, class tokens, transformer layer, heads, MIL bias) at `lr`.
-Weight decay applies to weights only: not to norms, biases, class tokens, position embeddings
-or the MIL bias.
+Weight decay applies to weights only: not to norms (scale, bias), biases of any rank (Flax's
+attention query/key/value biases are (heads, head_dim)), class tokens, position embeddings and
+tables, or the MIL bias.
 """
 
 import jax
 import optax
 
-# Leaf names that never get weight decay, whatever their rank.
+# Leaf names that never get weight decay, whatever their rank: exact names, and substrings.
+NO_DECAY_LEAVES = ("bias", "scale")
 NO_DECAY_NAMES = ("pos_embed", "class_tokens", "mil_bias", "relative_position_bias_table")
 
 
@@ -19,11 +21,14 @@ def _leaf_name(path) -> str:
 
 
 def decay_mask(params):
-    """True for leaves that get weight decay: kernels of rank >= 2 not named in NO_DECAY_NAMES."""
+    """True for leaves that get weight decay: rank >= 2, not named in NO_DECAY_LEAVES and not
+    containing a name of NO_DECAY_NAMES."""
 
     def keep(path, leaf):
         name = _leaf_name(path)
-        return leaf.ndim >= 2 and not any(n in name for n in NO_DECAY_NAMES)
+        if name in NO_DECAY_LEAVES or any(n in name for n in NO_DECAY_NAMES):
+            return False
+        return leaf.ndim >= 2
 
     return jax.tree_util.tree_map_with_path(keep, params)
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cmil_jax.models import BACKBONES, CMIL, build_backbone, feature_stride
+from cmil_jax.models import BACKBONES, CMIL, build_backbone, feature_stride, resnet
 from cmil_jax.models.cmil import normalize_images, pool_patches
 
 
@@ -119,6 +119,76 @@ def test_batch_stats_update_only_in_train_mode():
     changed = [not np.allclose(a, b) for a, b in zip(old, jax.tree.leaves(new_train["batch_stats"]))]
     assert all(changed)
     assert np.all(np.isfinite(np.asarray(out_eval)))
+
+
+# (kernel, stride, dilation, in, out, size): 1x1 and strided 1x1 (the matrix-product path),
+# 3x3 plain / strided / dilated, 7x7 strided (stem), odd sizes.
+CONV_CASES = [
+    (1, 1, 1, 8, 12, 6),
+    (1, 2, 1, 8, 12, 7),
+    (3, 1, 1, 6, 5, 6),
+    (3, 2, 1, 6, 5, 7),
+    (3, 1, 2, 6, 5, 9),
+    (7, 2, 1, 3, 4, 11),
+]
+
+
+@pytest.mark.parametrize("impl", ["matmul", "im2col"])
+@pytest.mark.parametrize("kernel, stride, dilation, cin, cout, size", CONV_CASES)
+def test_conv_impls_equal_lax_conv(impl, kernel, stride, dilation, cin, cout, size):
+    """Forward and both gradients of resnet.conv2d equal lax.conv_general_dilated's."""
+    rng = np.random.default_rng(kernel * 100 + stride * 10 + dilation)
+    x = jnp.asarray(rng.normal(size=(2, size, size, cin)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(kernel, kernel, cin, cout)), jnp.float32)
+    pad = dilation * (kernel - 1) // 2
+
+    def run(impl):
+        def loss(x, k):
+            y = resnet.conv2d(x, k, stride, dilation, pad, impl)
+            return jnp.sum(jnp.sin(y)), y
+
+        (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, k)
+        return y, grads
+
+    y_ref, (gx_ref, gk_ref) = run("xla")
+    y, (gx, gk) = run(impl)
+    n = _torch_out(size, kernel, stride, pad, dilation)
+    assert y.shape == y_ref.shape == (2, n, n, cout)
+    tol = {"rtol": 1e-5, "atol": 1e-5 * kernel * kernel * cin}
+    np.testing.assert_allclose(y, y_ref, **tol)
+    np.testing.assert_allclose(gx, gx_ref, **tol)
+    np.testing.assert_allclose(gk, gk_ref, **tol)
+
+
+def test_conv_impl_same_variables_and_outputs():
+    """conv_impl changes how, not what: identical variables, and outputs within rounding."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64, 64, 3)), jnp.float32)
+    outs, trees = {}, {}
+    for impl in ("xla", "matmul", "auto"):
+        net = build_backbone("resnet50", width=8, dilate_last=True, conv_impl=impl)
+        variables = net.init(_key(0), x, train=False)
+        trees[impl] = jax.tree.map(lambda a: (a.shape, a.dtype), variables)
+        outs[impl] = net.apply(variables, x, train=False)
+        if impl == "xla":
+            ref_vars = variables
+        else:
+            assert jax.tree.all(jax.tree.map(np.array_equal, variables, ref_vars))
+    assert trees["xla"] == trees["matmul"] == trees["auto"]
+    scale = float(jnp.abs(outs["xla"]).max())
+    for impl in ("matmul", "auto"):
+        np.testing.assert_allclose(outs[impl], outs["xla"], rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_conv_impl_auto_and_errors():
+    assert resnet.resolve_conv_impl("auto") == (
+        "matmul" if jax.default_backend() == "cpu" else "xla"
+    )
+    assert resnet.resolve_conv_impl("xla") == "xla"
+    with pytest.raises(ValueError, match="conv_impl"):
+        resnet.resolve_conv_impl("cudnn")
+    with pytest.raises(ValueError, match="conv_impl"):
+        model = CMIL(backbone="resnet10", backbone_width=8, width=48, conv_impl="x")
+        _shapes(model, (1, 64, 64, 3))
 
 
 def test_unknown_backbone_raises():

@@ -50,6 +50,32 @@ def test_decay_mask_only_weights():
     assert not mask["mil_bias"]
 
 
+def test_decay_mask_of_cmil_params():
+    """Every kernel of the real model decays; no bias (attention q/k/v biases are rank 2),
+    norm, class token, position embedding or MIL bias does."""
+    from cmil_jax.models import CMIL
+
+    model = CMIL(backbone="resnet10", backbone_width=8, width=48, num_heads=6)
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
+    )["params"]
+    attn = shapes["encoder"]["attn"]
+    assert attn["query"]["bias"].ndim == 2  # (heads, head_dim): not excluded by rank
+    mask = optim.decay_mask(shapes)
+    flat = {
+        "/".join(str(getattr(k, "key", k)) for k in path): leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(mask)[0]
+    }
+    decayed = {k for k, v in flat.items() if v}
+    assert decayed == {k for k in flat if k.endswith("/kernel")}
+    for name in ("query", "key", "value", "out"):
+        assert not mask["encoder"]["attn"][name]["bias"]
+        assert mask["encoder"]["attn"][name]["kernel"]
+    assert mask["class_head"]["kernel"]
+    assert not mask["class_head"]["bias"]
+    assert not mask["encoder"]["norm1"]["scale"]
+
+
 def test_param_groups():
     groups = optim.param_groups(_params())
     assert groups["backbone"]["conv1"]["kernel"] == "backbone"

@@ -32,7 +32,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cmil_jax.models import build_backbone
+from cmil_jax.models import BACKBONES, build_backbone, resnet
+from cmil_jax.models.resnet import CONV_IMPLS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -127,6 +128,7 @@ class CMIL(nn.Module):
     dilate_last: bool = False
     backbone_width: int = 64
     mil_bias_init: float = 0.5
+    conv_impl: str = "auto"  # how ResNet convs are computed: resnet.CONV_IMPLS; Swin ignores it
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -138,6 +140,8 @@ class CMIL(nn.Module):
             )
         if self.patch_pool not in PATCH_POOLS:
             raise ValueError(f"patch_pool must be one of {PATCH_POOLS}, got {self.patch_pool!r}")
+        if self.conv_impl not in CONV_IMPLS:
+            raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {self.conv_impl!r}")
         if self.width % self.num_heads:
             raise ValueError(f"width ({self.width}) must be divisible by num_heads ({self.num_heads})")
 
@@ -150,8 +154,15 @@ class CMIL(nn.Module):
 
         # 1-2. Normalise, backbone.
         x = normalize_images(images, self.dtype)
+        is_resnet = getattr(BACKBONES.get(self.backbone), "__module__", "") == resnet.__name__
+        backbone_kw = {"conv_impl": self.conv_impl} if is_resnet else {}
         feature_map = build_backbone(
-            self.backbone, dilate_last=self.dilate_last, width=self.backbone_width, name="backbone", **kw
+            self.backbone,
+            dilate_last=self.dilate_last,
+            width=self.backbone_width,
+            name="backbone",
+            **backbone_kw,
+            **kw,
         )(x, train=train)
         b, h, w, _ = feature_map.shape
 

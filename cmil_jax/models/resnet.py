@@ -26,6 +26,10 @@ BatchNorm: momentum 0.9 (PyTorch 0.1), eps 1e-5. In training, Flax updates the r
 with the biased batch variance, PyTorch with the unbiased one; eval outputs are unaffected.
 Under ``jax.jit`` over a sharded batch the statistics are those of the global batch (sync BN).
 
+Convolutions: ``conv_impl`` picks how they are computed, not what (CONV_IMPLS below). The
+default 'auto' computes the 1x1 convs as matrix products on CPU, where XLA runs those about
+twice as fast as its convolutions, forward and backward; GPUs and TPUs use lax convolutions.
+
 Dilation: torchvision's BasicBlock does not support it; here the dilated stage of a BasicBlock
 net follows the Bottleneck rule: its first block keeps dilation 1 (and drops the stride), the
 following blocks use dilation 2 in both 3x3 convs.
@@ -34,23 +38,121 @@ following blocks use dilation 2 in both 3x3 convs.
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+from jax import lax
 
 # torchvision initialises convs with kaiming_normal_(mode='fan_out', nonlinearity='relu').
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
+# How the ResNet convolutions are computed (the variables are the same for all):
+#   'xla'    lax.conv_general_dilated;
+#   'matmul' 1x1 convs as one 2-D matrix product (stride 2: a strided slice first), which
+#            XLA:CPU runs, forward and backward, in about half the time of its convolution;
+#            k x k convs stay lax.conv_general_dilated;
+#   'im2col' every conv as a matrix product (k x k: over the k*k shifted windows of the input),
+#            slower than 'matmul' on XLA:CPU (benchmarks/RESULTS.md), kept for measurements;
+#   'auto'   'matmul' on CPU, 'xla' on GPU and TPU.
+CONV_IMPLS = ("auto", "xla", "matmul", "im2col")
 
-def _conv(features, kernel, stride=1, dilation=1, *, name, dtype, param_dtype):
-    """Bias-free conv with PyTorch's explicit symmetric padding: dilation * (kernel - 1) / 2."""
-    pad = dilation * (kernel - 1) // 2
-    return nn.Conv(
+
+def resolve_conv_impl(impl: str) -> str:
+    """'auto' -> 'matmul' on the CPU backend, else 'xla'; checks the name."""
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "matmul" if jax.default_backend() == "cpu" else "xla"
+    return impl
+
+
+def _matmul(x, w):
+    """(B, H, W, c) @ (c, o) -> (B, H, W, o) as one 2-D product (XLA:CPU runs a rank-4
+    dot_general and its gradients up to 4x slower than the same product on (B*H*W, c))."""
+    b, h, wd, c = x.shape
+    return (x.reshape(b * h * wd, c) @ w).reshape(b, h, wd, w.shape[-1])
+
+
+def _shifted_inputs(x, kernel, stride, dilation, pad):
+    """The kernel * kernel strided windows of the zero-padded x, each (B, ho, wo, c), in the
+    (row, column) order of an HWIO kernel."""
+    b, h, w, c = x.shape
+    span = dilation * (kernel - 1)
+    ho = (h + 2 * pad - span - 1) // stride + 1
+    wo = (w + 2 * pad - span - 1) // stride + 1
+    if pad:
+        x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    out = []
+    for i in range(kernel):
+        for j in range(kernel):
+            start = (0, i * dilation, j * dilation, 0)
+            limit = (b, start[1] + (ho - 1) * stride + 1, start[2] + (wo - 1) * stride + 1, c)
+            out.append(lax.slice(x, start, limit, (1, stride, stride, 1)))
+    return out
+
+
+def conv2d(x, kernel, stride=1, dilation=1, pad=0, impl="xla"):
+    """Square bias-free convolution, NHWC input, HWIO kernel (k, k, c, o), symmetric zero
+    padding ``pad``: (B, H, W, c) -> (B, ho, wo, o).
+
+    ``impl`` (the same result within float32 rounding):
+      'xla'     lax.conv_general_dilated;
+      'matmul'  1x1 unpadded convs as a matrix product, others as 'xla';
+      'im2col'  every conv as a matrix product: k x k convs over the k*k shifted windows of the
+                input concatenated on channels (B, ho, wo, k*k*c) @ (k*k*c, o).
+    """
+    k = kernel.shape[0]
+    if impl not in CONV_IMPLS[1:]:
+        raise ValueError(f"conv impl must be one of {CONV_IMPLS[1:]}, got {impl!r}")
+    if impl == "matmul" and (k > 1 or pad):
+        impl = "xla"
+    if impl == "xla":
+        return lax.conv_general_dilated(
+            x,
+            kernel,
+            (stride, stride),
+            ((pad, pad), (pad, pad)),
+            rhs_dilation=(dilation, dilation),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+    if k == 1 and pad == 0:
+        return _matmul(x[:, ::stride, ::stride] if stride > 1 else x, kernel[0, 0])
+    cols = jnp.concatenate(_shifted_inputs(x, k, stride, dilation, pad), axis=-1)
+    return _matmul(cols, kernel.reshape(-1, kernel.shape[-1]))
+
+
+class Conv(nn.Module):
+    """Bias-free square conv with PyTorch's symmetric padding dilation * (kernel - 1) / 2.
+
+    Parameter 'kernel' (k, k, in, out), initialised and named as flax.linen.Conv's, so the
+    variables do not depend on ``impl``.
+    """
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    dilation: int = 1
+    impl: str = "xla"  # 'xla' | 'matmul' | 'im2col' (see conv2d)
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        k = self.kernel_size
+        kernel = self.param(
+            "kernel", _conv_init, (k, k, x.shape[-1], self.features), self.param_dtype
+        )
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        pad = self.dilation * (k - 1) // 2
+        return conv2d(x, kernel, self.stride, self.dilation, pad, self.impl)
+
+
+def _conv(features, kernel, stride=1, dilation=1, *, name, dtype, param_dtype, impl="xla"):
+    return Conv(
         features,
-        (kernel, kernel),
-        strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)),
-        kernel_dilation=(dilation, dilation),
-        use_bias=False,
-        kernel_init=_conv_init,
+        kernel,
+        stride,
+        dilation,
+        impl=impl,
         dtype=dtype,
         param_dtype=param_dtype,
         name=name,
@@ -76,6 +178,7 @@ class BasicBlock(nn.Module):
     stride: int = 1
     dilation: int = 1  # of both 3x3 convs
     zero_init_last_bn: bool = False
+    conv_impl: str = "xla"  # 'xla' | 'matmul' | 'im2col' (see conv2d)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -84,12 +187,13 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        y = _conv(self.features, 3, self.stride, self.dilation, name="conv1", **kw)(x)
+        ckw = {"impl": self.conv_impl, **kw}
+        y = _conv(self.features, 3, self.stride, self.dilation, name="conv1", **ckw)(x)
         y = nn.relu(_bn(train, name="bn1", **kw)(y))
-        y = _conv(self.features, 3, 1, self.dilation, name="conv2", **kw)(y)
+        y = _conv(self.features, 3, 1, self.dilation, name="conv2", **ckw)(y)
         y = _bn(train, name="bn2", zero_scale=self.zero_init_last_bn, **kw)(y)
         if self.stride != 1 or x.shape[-1] != self.features:
-            x = _conv(self.features, 1, self.stride, name="downsample_conv", **kw)(x)
+            x = _conv(self.features, 1, self.stride, name="downsample_conv", **ckw)(x)
             x = _bn(train, name="downsample_bn", **kw)(x)
         return nn.relu(x + y)
 
@@ -101,6 +205,7 @@ class Bottleneck(nn.Module):
     stride: int = 1
     dilation: int = 1  # of the 3x3 conv
     zero_init_last_bn: bool = False
+    conv_impl: str = "xla"  # 'xla' | 'matmul' | 'im2col' (see conv2d)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -109,15 +214,16 @@ class Bottleneck(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        ckw = {"impl": self.conv_impl, **kw}
         out = self.features * self.expansion
-        y = _conv(self.features, 1, name="conv1", **kw)(x)
+        y = _conv(self.features, 1, name="conv1", **ckw)(x)
         y = nn.relu(_bn(train, name="bn1", **kw)(y))
-        y = _conv(self.features, 3, self.stride, self.dilation, name="conv2", **kw)(y)
+        y = _conv(self.features, 3, self.stride, self.dilation, name="conv2", **ckw)(y)
         y = nn.relu(_bn(train, name="bn2", **kw)(y))
-        y = _conv(out, 1, name="conv3", **kw)(y)
+        y = _conv(out, 1, name="conv3", **ckw)(y)
         y = _bn(train, name="bn3", zero_scale=self.zero_init_last_bn, **kw)(y)
         if self.stride != 1 or x.shape[-1] != out:
-            x = _conv(out, 1, self.stride, name="downsample_conv", **kw)(x)
+            x = _conv(out, 1, self.stride, name="downsample_conv", **ckw)(x)
             x = _bn(train, name="downsample_bn", **kw)(x)
         return nn.relu(x + y)
 
@@ -131,6 +237,8 @@ class ResNet(nn.Module):
       width: base width (64 in torchvision); stage widths are width * (1, 2, 4, 8).
       dilate_last: replace the stride of layer4 by dilation 2 (output stride 16 instead of 32).
       zero_init_last_bn: init the last BN scale of each block to 0 (torchvision default: False).
+      conv_impl: how the convolutions are computed, 'auto' | 'xla' | 'matmul' | 'im2col'
+        (CONV_IMPLS; 'auto' = 'matmul' on CPU, 'xla' elsewhere); the variables are the same.
     """
 
     stage_sizes: Sequence[int]
@@ -138,14 +246,16 @@ class ResNet(nn.Module):
     width: int = 64
     dilate_last: bool = False
     zero_init_last_bn: bool = False
+    conv_impl: str = "auto"  # see CONV_IMPLS
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        impl = resolve_conv_impl(self.conv_impl)
         x = jnp.asarray(x, self.dtype)
-        x = _conv(self.width, 7, 2, name="conv1", **kw)(x)
+        x = _conv(self.width, 7, 2, name="conv1", impl=impl, **kw)(x)
         x = nn.relu(_bn(train, name="bn1", **kw)(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
@@ -162,6 +272,7 @@ class ResNet(nn.Module):
                     stride=stride if i == 0 else 1,
                     dilation=first_dilation if i == 0 else dilation,
                     zero_init_last_bn=self.zero_init_last_bn,
+                    conv_impl=impl,
                     name=f"layer{s + 1}_{i}",
                     **kw,
                 )(x, train=train)
