@@ -31,6 +31,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.num_class_tokens = labels.NUM_CLASSES  # K = C (paper); 1 in binary mode
     c.model.num_classes = labels.NUM_CLASSES  # C
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+    # How ResNet convolutions are computed (same variables and results for all): auto | xla |
+    # matmul | im2col. auto = matmul on CPU (1x1 convs as matrix products, about 1.5x faster
+    # CPU train steps, benchmarks/RESULTS.md), xla on GPU/TPU. CMIL raises on other values.
+    c.model.conv_impl = "auto"
     c.model.init_from = ""  # directory of converted backbone weights (optional)
 
     c.data = ml_collections.ConfigDict()
@@ -42,6 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.val_split = "val"
     c.data.test_split = "test"
     c.data.triples = False  # genuine / SBI / fake triples (method.md section 5)
+    # [ours] the SBI image's sequence target: 'zeros' (all-zero sequence, method.md section 5)
+    # or 'masked' (has_seq 0: it trains L_CLS only, like a binary-only sample).
+    c.data.sbi_labels = "zeros"
     # Joint training (method.md section 5, Table A2): a second, binary-only TFDS dataset (e.g.
     # "ffpp/c23") mixed into every training batch; its samples have has_seq = 0, so only L_CLS
     # sees them [ours: masking]. "" = off. joint_fraction: its share of each batch [ours].

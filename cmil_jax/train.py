@@ -69,6 +69,7 @@ def build_model(model_cfg) -> models.CMIL:
         dilate_last=model_cfg.dilate_last,
         backbone_width=model_cfg.backbone_width,
         mil_bias_init=model_cfg.mil_bias_init,
+        conv_impl=model_cfg.conv_impl,
         dtype=jnp.dtype(model_cfg.dtype),
     )
 
@@ -166,9 +167,11 @@ def train_iterator(cfg, source, joint_source=None):
     if joint_source is not None:
         return iter(pipeline.make_joint_train_dataset(
             source, joint_source, joint_batch_size=joint_batch_size(cfg),
-            triples=cfg.data.triples, **common))
-    make = pipeline.make_triple_train_dataset if cfg.data.triples else pipeline.make_train_dataset
-    return iter(make(source, **common))
+            triples=cfg.data.triples, sbi_labels=cfg.data.sbi_labels, **common))
+    if cfg.data.triples:
+        return iter(pipeline.make_triple_train_dataset(
+            source, sbi_labels=cfg.data.sbi_labels, **common))
+    return iter(pipeline.make_train_dataset(source, **common))
 
 
 def eval_batches(cfg, source):

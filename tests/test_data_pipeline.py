@@ -1,83 +1,25 @@
 """Tests of the TFDS/ArrayRecord sources, weak augmentation and the grain pipelines (64 px)."""
 
-import importlib.util
 import json
-import sys
-import types
 
 import numpy as np
 import pytest
 
-from cmil_jax.data import augment, pipeline, sources
+from cmil_jax.data import augment, pipeline, sbi, sources, synthetic
 
 SUBSET = "facial_components"
 SIZE = 64
 N_TRAIN, N_VAL, N_TEST = 24, 4, 7
 
 
-def _have(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ImportError:
-        return False
-
-
-# ---- stand-ins used only when synthetic.py / sbi.py are not in the tree ---------------------
-
-
-def _fixture_generate_example(subset, index, seed=0, image_size=256):
-    """Tiny deterministic face-like example with the generate_example contract."""
-    rng = np.random.default_rng([seed, index])
-    s = image_size
-    label = np.zeros(5, np.int32)
-    k = index % 3  # 1 original : 2 fakes
-    if k:
-        label[:k] = rng.permutation(5)[:k] + 1
-    yy, xx = np.mgrid[:s, :s]
-    face = ((xx - s / 2) ** 2 / (0.3 * s) ** 2 + (yy - s / 2) ** 2 / (0.4 * s) ** 2) < 1
-    image = rng.integers(0, 60, (s, s, 3), dtype=np.uint8)
-    image[face] = rng.integers(120, 220, 3, dtype=np.uint8)
-    mask = np.zeros((s, s), np.uint8)
-    if k:
-        mask[s // 3: s // 2, s // 4: 3 * s // 4] = 255
-        image[mask > 0] //= 2
-    t = np.linspace(0, 2 * np.pi, 68, endpoint=False)
-    landmarks = np.stack([s / 2 + 0.25 * s * np.cos(t), s / 2 + 0.35 * s * np.sin(t)], 1)
-    return {"image": image, "label": label, "landmarks": landmarks.astype(np.float32),
-            "mask": mask, "face_mask": face.astype(np.uint8) * 255}
-
-
-def _fixture_self_blend(image, landmarks, rng):
-    """Stand-in SBI: darkened centre blended with a soft mask; returns (real, fake, mask)."""
-    s = image.shape[0]
-    mask = np.zeros(image.shape[:2], np.float32)
-    mask[s // 4: 3 * s // 4, s // 4: 3 * s // 4] = rng.uniform(0.5, 1.0)
-    fake = (image * (1 - 0.3 * mask[..., None])).astype(np.uint8)
-    return image.copy(), fake, mask
-
-
 @pytest.fixture(scope="module")
 def synthetic_module():
-    if _have("cmil_jax.data.synthetic"):
-        yield importlib.import_module("cmil_jax.data.synthetic")
-        return
-    mod = types.ModuleType("cmil_jax.data.synthetic")
-    mod.generate_example = _fixture_generate_example
-    sys.modules["cmil_jax.data.synthetic"] = mod
-    yield mod
-    del sys.modules["cmil_jax.data.synthetic"]
+    return synthetic
 
 
 @pytest.fixture(scope="module")
 def sbi_module():
-    if _have("cmil_jax.data.sbi"):
-        yield importlib.import_module("cmil_jax.data.sbi")
-        return
-    mod = types.ModuleType("cmil_jax.data.sbi")
-    mod.self_blend = _fixture_self_blend
-    sys.modules["cmil_jax.data.sbi"] = mod
-    yield mod
-    del sys.modules["cmil_jax.data.sbi"]
+    return sbi
 
 
 @pytest.fixture(scope="module")
@@ -334,3 +276,20 @@ def test_joint_triples_keep_triples_whole(built, sbi_module):
     assert batch["image"].shape == (9, 32, 32, 3)
     np.testing.assert_array_equal(batch["is_fake"], [0, 1, 1] * 3)
     np.testing.assert_array_equal(batch["has_seq"], [1] * 6 + [0] * 3)
+
+
+def test_triples_deterministic_for_seed_and_worker_count(built, sbi_module):
+    data_dir, name = built
+    src = sources.open_split(data_dir, name, "train")
+    kw = {"batch_size": 2, "image_size": 32, "shard": False}
+    ref = _take(iter(pipeline.make_triple_train_dataset(src, seed=5, **kw)), 3)
+    _assert_batches_equal(_take(iter(pipeline.make_triple_train_dataset(src, seed=5, **kw)), 3),
+                          ref)
+    other = next(iter(pipeline.make_triple_train_dataset(src, seed=6, **kw)))
+    assert not np.array_equal(other["image"], ref[0]["image"])
+    it = iter(pipeline.make_triple_train_dataset(src, seed=5, num_workers=2, **kw))
+    try:
+        got = _take(it, 3)
+    finally:
+        it.close()
+    _assert_batches_equal(got, ref)

@@ -639,7 +639,22 @@ def test_configs_point_at_the_built_names():
     assert _load_config("celebdf_eval", "joint").model.num_classes == 5
 
 
-# ---- end to end: training reads a built Seq-DeepFake fixture ---------------------------------
+# ---- end to end: training reads built fixtures -----------------------------------------------
+
+
+def _train_tiny(config, workdir, data_dir, *overrides):
+    """Runs `python -m cmil_jax.main` with a tiny model at 32 px; returns metrics.jsonl."""
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, "-m", "cmil_jax.main", "--config", config, "--workdir", str(workdir),
+         f"--config.data.data_dir={data_dir}", "--config.data.image_size=32",
+         "--config.model.dilate_last=True",  # stride 16: 2x2 patches at 32 px
+         "--config.data.num_workers=0", "--config.model.backbone_width=8",
+         "--config.model.width=48", "--config.eval.batch_size=8", *overrides],
+        check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
 @pytest.mark.slow
@@ -650,21 +665,11 @@ def test_demo_training_reads_a_built_seq_deepfake_fixture(tmp_path):
     assert seq_deepfake.main(["--raw-dir", str(raw), "--data-dir", str(out),
                               "--image-size", "64", "--num-workers", "2"]) == 0  # process pool
     workdir = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    result = subprocess.run(
-        [sys.executable, "-m", "cmil_jax.main", "--config", "configs/seqcomp.py:demo",
-         "--workdir", str(workdir), "--config.data.name=seq_deepfake/facial_components",
-         f"--config.data.data_dir={out}", "--config.data.image_size=32",
-         "--config.model.dilate_last=True",  # stride 16: 2x2 patches at 32 px
-         "--config.data.num_workers=0", "--config.model.backbone_width=8",
-         "--config.model.width=48", "--config.train.batch_size=8",
-         "--config.train.num_steps=10", "--config.train.log_every=5",
-         "--config.train.eval_every=10", "--config.train.checkpoint_every=10",
-         "--config.eval.batch_size=8", "--config.eval.select_metrics=fixed_acc"],
-        check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    with open(workdir / "metrics.jsonl") as f:
-        records = [json.loads(line) for line in f]
+    records = _train_tiny(
+        "configs/seqcomp.py:demo", workdir, out, "--config.data.name=seq_deepfake/facial_components",
+        "--config.train.batch_size=8", "--config.train.num_steps=10", "--config.train.log_every=5",
+        "--config.train.eval_every=10", "--config.train.checkpoint_every=10",
+        "--config.eval.select_metrics=fixed_acc")
     train = [r for r in records if r["split"] == "train" and "loss" in r]
     assert [r["step"] for r in train] == [5, 10]
     test = [r for r in records if r["split"] == "test"]
@@ -678,21 +683,11 @@ def test_binary_training_on_a_built_ffpp_fixture_reports_video_auc(ffpp_raw, tmp
     videos.build("ffpp", str(ffpp_raw), str(out), frames=SAMPLED, image_size=CROP,
                  detector=SquareDetector(), max_skipped=0.4)
     workdir = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    result = subprocess.run(
-        [sys.executable, "-m", "cmil_jax.main", "--config", "configs/ffpp.py",
-         "--workdir", str(workdir), f"--config.data.data_dir={out}",
-         "--config.data.test_split=val",  # the fixture's test split has no genuine video left
-         "--config.data.image_size=32", "--config.model.dilate_last=True",
-         "--config.model.backbone=resnet10", "--config.model.backbone_width=8",
-         "--config.model.width=48", "--config.data.num_workers=0",
-         "--config.train.batch_size=4", "--config.train.num_steps=6",
-         "--config.train.log_every=3", "--config.train.eval_every=6",
-         "--config.train.checkpoint_every=6", "--config.eval.batch_size=8"],
-        check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    with open(workdir / "metrics.jsonl") as f:
-        records = [json.loads(line) for line in f]
+    records = _train_tiny(
+        "configs/ffpp.py", workdir, out, "--config.model.backbone=resnet10",
+        "--config.data.test_split=val",  # the fixture's test split has no genuine video left
+        "--config.train.batch_size=4", "--config.train.num_steps=6", "--config.train.log_every=3",
+        "--config.train.eval_every=6", "--config.train.checkpoint_every=6")
     val = [r for r in records if r["split"] == "val"]
     n_videos = 2 + 2 * len(videos.FFPP_METHODS)  # two originals, both directions per method
     assert val and all(r["num_videos"] == n_videos for r in val)

@@ -37,6 +37,7 @@ counts batches consumed by the caller, not those prefetched. Without orbax use
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Sequence
@@ -50,6 +51,9 @@ from cmil_jax.data import augment as augment_lib
 from cmil_jax.labels import MAX_LEN
 
 TRAIN_KEYS = ("image", "label", "is_fake", "mask", "has_seq")
+# What the SBI row of a triple teaches the sequence losses [ours]: 'zeros' (the all-zero
+# sequence, method.md section 5) or 'masked' (has_seq 0: the SBI image trains L_CLS only).
+SBI_LABELS = ("zeros", "masked")
 
 _CV2_SINGLE_THREAD = False
 
@@ -117,7 +121,10 @@ class _TripleExample:
     """Index j of the originals -> (genuine, SBI pseudo-fake, dataset fake), stacked on axis 0."""
 
     def __init__(self, source, originals: np.ndarray, fakes: np.ndarray, image_size: int,
-                 cfg: augment_lib.AugmentConfig, has_seq: bool):
+                 cfg: augment_lib.AugmentConfig, has_seq: bool, sbi_labels: str = "zeros"):
+        if sbi_labels not in SBI_LABELS:
+            raise ValueError(f"sbi_labels must be one of {SBI_LABELS}, got {sbi_labels!r}")
+        self.sbi_has_seq = float(has_seq) if sbi_labels == "zeros" else 0.0
         self.source = source
         self.originals = originals
         self.fakes = fakes
@@ -146,10 +153,11 @@ class _TripleExample:
              fake["label"], 1),
         ]
         outs = []
-        for image, mask, label, is_fake in parts:
+        for row, (image, mask, label, is_fake) in enumerate(parts):
             image, mask, _ = augment_lib.weak_augment(
                 np.asarray(image, np.uint8), rng, self.cfg, image_size=self.image_size, mask=mask)
-            outs.append(_out(image, mask, label, is_fake, self.has_seq))
+            has_seq = self.sbi_has_seq if row == 1 else self.has_seq
+            outs.append(_out(image, mask, label, is_fake, has_seq))
         return {k: np.stack([o[k] for o in outs]) for k in TRAIN_KEYS}
 
 
@@ -214,7 +222,11 @@ def _ensure_absl_flags_parsed():
 
 def _to_iter(ds: grain.MapDataset, num_workers: int, num_threads: int,
              prefetch: int) -> grain.IterDataset:
-    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, num_threads),
+    """``num_threads`` threads compute elements in this process when ``num_workers`` is 0;
+    each worker uses one (two threads in a worker would take more than one core, so that
+    throughput would no longer scale with the number of workers)."""
+    threads = max(1, num_threads) if num_workers == 0 else 1
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                                  prefetch_buffer_size=max(1, prefetch)))
     if num_workers > 0:
         _ensure_absl_flags_parsed()
@@ -262,7 +274,8 @@ def make_train_dataset(source, *, batch_size: int, seed: int, image_size: int,
 def make_triple_train_dataset(source, *, batch_size: int, seed: int, image_size: int,
                               augment_cfg=None, shard: bool = True, num_workers: int = 0,
                               num_threads: int = 2, prefetch: int = 4,
-                              has_seq: bool = True) -> grain.IterDataset:
+                              has_seq: bool = True,
+                              sbi_labels: str = "zeros") -> grain.IterDataset:
     """Infinite batches of training triples (method.md section 5), 3*batch_size images each.
 
     One epoch = one pass over the shuffled genuine images. Triple t fills rows 3t, 3t+1, 3t+2:
@@ -270,9 +283,11 @@ def make_triple_train_dataset(source, *, batch_size: int, seed: int, image_size:
       3t+1  SBI(x_r) (cmil_jax.data.sbi.self_blend), label 0s, is_fake 1, mask = blend mask
       3t+2  a uniformly drawn manipulated image, its label, is_fake 1, its manipulation mask
     Each image is weakly augmented independently. Genuine / fake index lists come from the
-    stored labels (no image decoding). ``has_seq`` is the same for all three rows.
+    stored labels (no image decoding). ``has_seq`` is the same for all three rows, except that
+    ``sbi_labels='masked'`` sets it to 0 on the SBI row (see SBI_LABELS).
     """
-    ds = _triple_elements(source, seed, image_size, augment_lib.as_config(augment_cfg), has_seq)
+    ds = _triple_elements(source, seed, image_size, augment_lib.as_config(augment_cfg), has_seq,
+                          sbi_labels)
     index, count = process_shard(shard)
     ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_concat_triples)
     return _to_iter(ds[index::count], num_workers, num_threads, prefetch)
@@ -281,7 +296,8 @@ def make_triple_train_dataset(source, *, batch_size: int, seed: int, image_size:
 def make_joint_train_dataset(source, joint_source, *, batch_size: int, joint_batch_size: int,
                              seed: int, image_size: int, triples: bool = False,
                              augment_cfg=None, shard: bool = True, num_workers: int = 0,
-                             num_threads: int = 2, prefetch: int = 4) -> grain.IterDataset:
+                             num_threads: int = 2, prefetch: int = 4,
+                             sbi_labels: str = "zeros") -> grain.IterDataset:
     """Infinite batches mixing two datasets in a fixed proportion (joint training, method.md 5).
 
     Every batch holds batch_size - joint_batch_size elements of ``source`` (has_seq 1: its
@@ -293,7 +309,10 @@ def make_joint_train_dataset(source, joint_source, *, batch_size: int, joint_bat
     if not 0 < joint_batch_size < batch_size:
         raise ValueError(f"joint_batch_size must be in (0, {batch_size}), got {joint_batch_size}")
     cfg = augment_lib.as_config(augment_cfg)
-    elements = _triple_elements if triples else _plain_elements
+    if triples:
+        elements = functools.partial(_triple_elements, sbi_labels=sbi_labels)
+    else:
+        elements = _plain_elements
     batch_fn = _concat_triples if triples else None
     main = elements(source, seed, image_size, cfg, True).batch(
         batch_size - joint_batch_size, drop_remainder=True, batch_fn=batch_fn)
@@ -322,7 +341,8 @@ def _plain_elements(source, seed: int, image_size: int, cfg, has_seq: bool) -> g
             .random_map(_AugmentExample(image_size, cfg, has_seq)))
 
 
-def _triple_elements(source, seed: int, image_size: int, cfg, has_seq: bool) -> grain.MapDataset:
+def _triple_elements(source, seed: int, image_size: int, cfg, has_seq: bool,
+                     sbi_labels: str = "zeros") -> grain.MapDataset:
     """Infinite shuffled training triples, each with a leading axis of 3 (see above)."""
     _, is_fake = _labels_and_fake(source)
     originals = np.flatnonzero(is_fake == 0)
@@ -331,7 +351,8 @@ def _triple_elements(source, seed: int, image_size: int, cfg, has_seq: bool) -> 
         raise ValueError(f"triples need genuine and fake images; {source!r} has "
                          f"{len(originals)} genuine and {len(fakes)} fake")
     return (grain.MapDataset.range(len(originals)).seed(seed).shuffle().repeat()
-            .random_map(_TripleExample(source, originals, fakes, image_size, cfg, has_seq)))
+            .random_map(_TripleExample(source, originals, fakes, image_size, cfg, has_seq,
+                                       sbi_labels)))
 
 
 def eval_num_batches(num_examples: int, batch_size: int, shard: bool = True) -> int:
