@@ -94,7 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.use_rank = True  # False in binary mode
 
     c.train = ml_collections.ConfigDict()
-    c.train.batch_size = 64  # global batch (images; triples mode: triples)
+    c.train.batch_size = 64  # global batch of training examples (triples mode: triples)
     c.train.num_epochs = 200  # used when num_steps == 0
     c.train.num_steps = 0
     c.train.lr = 1e-4
@@ -129,6 +129,7 @@ def seq_config(subset: str, arg: str | None) -> ml_collections.ConfigDict:
     c.data.subset = subset
     c.data.name = f"seq_deepfake/{subset}"
     if arg in (None, "", "paper"):
+        c.data.triples = True  # method.md section 5; batch_size counts triples (examples)
         return c
     if arg == "demo":
         return apply_demo(c)
@@ -147,6 +148,9 @@ def apply_demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.model.backbone = "resnet10"
     c.model.backbone_width = 32
     c.model.dilate_last = False  # 3x3 patches at 96 px; dilation doubles the step time here
+    # Single images, not triples: a triple holds one sequence-labelled fake in three images, and
+    # on 2 CPU cores the 10-minute demo cannot see enough fakes that way (docs/method.md).
+    c.data.triples = False
     c.model.width = 192
     c.model.num_heads = 6
     c.train.batch_size = 32
