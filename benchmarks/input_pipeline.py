@@ -53,6 +53,7 @@ import cv2
 import numpy as np
 
 from benchmarks.sbi_reference import reference_self_blend
+from benchmarks.throughput import cpu_model
 from cmil_jax.data import augment, sbi
 
 SUBSET = "facial_components"
@@ -60,18 +61,6 @@ SUBSET = "facial_components"
 
 # --------------------------------------------------------------------------------------------
 # Machine and timing helpers
-
-
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo (as lscpu prints it)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def machine_info() -> dict:

@@ -559,7 +559,10 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     Returns the test metrics of the first selection metric's best checkpoint, or {} when the
     run was preempted (SIGTERM: checkpoint saved, run the same command again to resume).
     Raises faults.NonFiniteError after train.max_nonfinite_steps non-finite steps in a row.
+    The first train record holds `time_to_first_step_s`: seconds from this call (data build,
+    model init and compilation included) until the first step's results exist.
     """
+    t_start = time.perf_counter()
     faults.check_workdir(workdir)
     validate_config(cfg)
     data = open_splits(cfg, workdir, ("train", "val", "test", *joint_splits(cfg, "train"),
@@ -627,7 +630,6 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     stop = None  # why the loop ended early: "preempted" or "nonfinite"
     bar = _progress(total_steps, start_step)
     first_step_time = None
-    t_start = time.perf_counter()
     try:
         with faults.PreemptionWatcher() as preemption:
             while step < total_steps:
