@@ -1,7 +1,8 @@
 """Figure A2 of the supplementary: Grad-CAM of a class logit on test images with that edit.
 
     python tools/figure_a2.py --workdir runs/demo [--baseline_workdir runs/baseline] \
-        [--classes Eyeglasses,Smiling] [--per_class 3] [--out docs/images/figure_a2.png]
+        [--classes Eyeglasses,Smiling] [--per_class 3] [--logit combined|class|patch] \
+        [--out docs/images/figure_a2.png]
 
 Rows: test images whose sequence contains the class (single-edit images first). Columns:
 image | ground-truth mask | Grad-CAM of the class (z = (z^U + z^V) / 2) | Grad-CAM of the
@@ -80,6 +81,8 @@ def main(argv=None):
     parser.add_argument("--min_prob", type=float, default=0.5,
                         help="rows show images whose class probability exceeds this")
     parser.add_argument("--split", default="test")
+    parser.add_argument("--logit", default="combined", choices=localization.GRADCAM_LOGITS,
+                        help="the logit Grad-CAM explains: (z^U + z^V) / 2, z^U or z^V")
     parser.add_argument("--batch_size", type=int, default=50)
     parser.add_argument("--out", default="docs/images/figure_a2.png")
     args = parser.parse_args(argv)
@@ -89,13 +92,14 @@ def main(argv=None):
     baseline = None
     if args.baseline_workdir:
         b_cfg, b_model, b_vars, _ = predict.load_model(args.baseline_workdir, args.checkpoint)
-        baseline = (localization.make_maps_fn(b_model, tau=cfg.loss.tau), b_vars)
+        baseline = (localization.make_maps_fn(b_model, tau=cfg.loss.tau, logit=args.logit),
+                    b_vars)
         changed = [f"{k}={v:g}" for k, v in b_cfg.loss.items()
                    if isinstance(v, float) and v != cfg.loss.get(k)]
         baseline_title = "Grad-CAM, baseline" + ("\n" + ", ".join(changed) if changed else "")
     source = train.open_splits(cfg, args.workdir, (args.split,))[args.split]
     labels = source.labels()
-    maps_fn = localization.make_maps_fn(model, tau=cfg.loss.tau)
+    maps_fn = localization.make_maps_fn(model, tau=cfg.loss.tau, logit=args.logit)
     size = cfg.data.image_size
     classes = (args.classes or DEFAULT_CLASSES.get(cfg.data.subset, names[0])).split(",")
     lower = [n.lower() for n in names]
@@ -161,7 +165,9 @@ def main(argv=None):
     if baseline is not None:
         columns.append(baseline_title)
     columns += ["1 - similarity\n(MIL map)"]
-    title = (f"Grad-CAM of the class logit, {cfg.data.subset} test images; "
+    logit = {"combined": "(z^U + z^V) / 2", "class": "z^U", "patch": "z^V"}.get(args.logit,
+                                                                              args.logit)
+    title = (f"Grad-CAM of the class logit {logit}, {cfg.data.subset} test images; "
              f"{info['metric']} checkpoint, step {info['step']}")
     viz.plot_map_grid(rows, columns, args.out, row_titles=row_titles, title=title)
     print(f"written {args.out}")
