@@ -207,10 +207,13 @@ def _crop_maps(prep: Prepared, maps: dict, names, top: int, header: str) -> np.n
 
 def predict_files(paths: Sequence[str], workdir: str, out_dir: str, *,
                   metric: str | None = None, batch_size: int = 16, face: str = "auto",
-                  detector: Callable | None = None, log=print) -> dict:
+                  detector: Callable | None = None, gradcam_logit: str = "patch",
+                  log=print) -> dict:
     """Runs the model on image files and writes JSON records and overlays to ``out_dir``.
 
     face: 'auto' (detect when the landmarks extra is installed) or 'none'.
+    gradcam_logit: the logit the overlay's Grad-CAM explains (localization.GRADCAM_LOGITS);
+      'patch' (z^V) localizes best on the demo models (docs/evaluation.md, Figure A2).
     detector: overrides it, a callable image -> list[data_prep.landmarks.Face].
     Returns the summary dict (also written to <out_dir>/summary.json).
     """
@@ -222,7 +225,8 @@ def predict_files(paths: Sequence[str], workdir: str, out_dir: str, *,
     if detector is None:
         detector, no_face_reason = make_face_detector(face)
     maps_fn = localization.make_maps_fn(model, tau=cfg.loss.tau,
-                                        num_lowest=cfg.loss.num_lowest or None)
+                                        num_lowest=cfg.loss.num_lowest or None,
+                                        logit=gradcam_logit)
     os.makedirs(out_dir, exist_ok=True)
     files, skipped = list_inputs(paths)
     for s in skipped:
@@ -308,11 +312,15 @@ def main(argv=None) -> int:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--face", choices=("auto", "none"), default="auto",
                         help="auto: crop the largest face when the landmarks extra is installed")
+    parser.add_argument("--gradcam_logit", choices=localization.GRADCAM_LOGITS, default="patch",
+                        help="logit the Grad-CAM panel explains: patch = z^V, class = z^U, "
+                             "combined = (z^U + z^V) / 2, fake = the MIL fake logit")
     args = parser.parse_args(argv)
     out = args.out or os.path.join(args.workdir, "predictions")
     try:
         summary = predict_files(args.inputs, args.workdir, out, metric=args.checkpoint,
-                                batch_size=max(1, args.batch_size), face=args.face)
+                                batch_size=max(1, args.batch_size), face=args.face,
+                                gradcam_logit=args.gradcam_logit)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
