@@ -253,3 +253,13 @@ def test_twin_train_and_eval_steps_run():
     out = tt.make_eval_step(twin)(batch["image"])
     assert out["probs"].shape == (4, 5) and out["similarity_map"].shape == (4, 16)
     assert out["fake_prob"].shape == (4,)
+
+
+def test_throughput_fallback_defaults_equal_the_base_config():
+    """benchmarks.throughput.DEFAULTS stands in for config_base where ml_collections is missing."""
+    from benchmarks import throughput
+    from cmil_jax import config_base
+
+    base = config_base.base_config()
+    for part, fields in throughput.DEFAULTS.items():
+        assert fields == {k: base[part][k] for k in fields}, part

@@ -205,13 +205,6 @@ def process_shard(shard: bool = True) -> tuple[int, int]:
     return opts.shard_index, opts.shard_count
 
 
-def _shard_indices(n: int, shard: bool) -> np.ndarray:
-    """Strided, equal-size share of range(n) for this process (drops < shard_count items)."""
-    index, count = process_shard(shard)
-    per = n // count
-    return np.arange(index, per * count, count, dtype=np.int64)
-
-
 def _ensure_absl_flags_parsed():
     """grain reads absl flags in mp_prefetch; outside an absl app (tests, notebooks): defaults."""
     from absl import flags
