@@ -311,21 +311,31 @@ def make_train_step(model, tx, loss_cfg, state_shardings, batch_sharding, nan_st
             state.params
         )
         grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
 
         # Non-finite guard: on a NaN/Inf loss or gradient, keep the old params, BatchNorm
         # statistics and optimizer state (the learning-rate schedule does not advance either).
+        # A cond rather than a `where` over every leaf: only the branch taken runs, so a finite
+        # step updates the donated buffers in place instead of copying the old state beside
+        # the new one (about 4% of a ResNet-50 step on CPU, benchmarks/RESULTS.md).
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-        def if_finite(new, old):
-            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        def apply_update(operands):
+            params, opt_state, batch_stats, grads = operands
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, batch_stats
 
+        def keep_old(operands):
+            params, opt_state, _, _ = operands
+            return params, opt_state, state.batch_stats
+
+        params, opt_state, batch_stats = jax.lax.cond(
+            finite,
+            apply_update,
+            keep_old,
+            (state.params, state.opt_state, batch_stats, grads),
+        )
         new_state = state.replace(
-            step=state.step + 1,
-            params=if_finite(params, state.params),
-            batch_stats=if_finite(batch_stats, state.batch_stats),
-            opt_state=if_finite(opt_state, state.opt_state),
+            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
         )
         step_metrics = {
             "loss": loss,
