@@ -6,6 +6,7 @@ Shape and parameter-count checks use jax.eval_shape (no compute); only small net
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -158,6 +159,48 @@ def test_conv_impls_equal_lax_conv(impl, kernel, stride, dilation, cin, cout, si
     np.testing.assert_allclose(y, y_ref, **tol)
     np.testing.assert_allclose(gx, gx_ref, **tol)
     np.testing.assert_allclose(gk, gk_ref, **tol)
+
+
+@pytest.mark.parametrize("shape", [(2, 12, 12, 3), (2, 11, 9, 4), (1, 5, 6, 2), (1, 2, 2, 1)])
+def test_stem_max_pool_equals_flax_max_pool(shape):
+    """max_pool_3x3_s2 and its closed-form gradient equal flax's reduce_window max pool and
+    its select-and-scatter gradient, ties included (after a ReLU most windows tie at 0; a
+    constant block ties everywhere)."""
+    rng = np.random.default_rng(sum(shape))
+    x = np.maximum(rng.normal(size=shape), 0).astype(np.float32)
+    x[:, : shape[1] // 2, : shape[2] // 2] = 0.5  # a tied block
+    x = jnp.asarray(x)
+
+    def reference(x):
+        return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+    y_ref, vjp_ref = jax.vjp(reference, x)
+    y, vjp = jax.vjp(jax.jit(resnet.max_pool_3x3_s2), x)
+    assert y.shape == y_ref.shape == (shape[0], (shape[1] + 1) // 2, (shape[2] + 1) // 2, shape[3])
+    np.testing.assert_array_equal(y, y_ref)
+    g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+    np.testing.assert_allclose(vjp(g)[0], vjp_ref(g)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_conv_impl_same_training_gradients():
+    """'matmul' (1x1 products, im2col stem, slice max pool) trains like 'xla': the same loss
+    and parameter gradients in train mode, BatchNorm batch statistics included."""
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 40, 40, 3)), jnp.float32)
+    grads, losses = {}, {}
+    for impl in ("xla", "matmul"):
+        net = build_backbone("resnet10", width=8, conv_impl=impl)
+        variables = net.init(_key(0), x, train=False)
+
+        def loss(params):
+            y, _ = net.apply({**variables, "params": params}, x, train=True,
+                             mutable=["batch_stats"])
+            return jnp.mean(jnp.sin(y))
+
+        losses[impl], grads[impl] = jax.jit(jax.value_and_grad(loss))(variables["params"])
+    np.testing.assert_allclose(losses["matmul"], losses["xla"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads["matmul"]), jax.tree.leaves(grads["xla"])):
+        scale = float(jnp.abs(b).max())
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * scale)
 
 
 def test_conv_impl_same_variables_and_outputs():

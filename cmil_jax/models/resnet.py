@@ -27,14 +27,16 @@ with the biased batch variance, PyTorch with the unbiased one; eval outputs are 
 Under ``jax.jit`` over a sharded batch the statistics are those of the global batch (sync BN).
 
 Convolutions: ``conv_impl`` picks how they are computed, not what (CONV_IMPLS below). The
-default 'auto' computes the 1x1 convs as matrix products on CPU, where XLA runs those about
-twice as fast as its convolutions, forward and backward; GPUs and TPUs use lax convolutions.
+default 'auto' computes the 1x1 convs and the stem as matrix products on CPU, where XLA runs
+those about twice as fast as its convolutions, forward and backward, and the stem max pool
+without reduce_window; GPUs and TPUs use lax convolutions and reduce_window.
 
 Dilation: torchvision's BasicBlock does not support it; here the dilated stage of a BasicBlock
 net follows the Bottleneck rule: its first block keeps dilation 1 (and drops the stride), the
 following blocks use dilation 2 in both 3x3 convs.
 """
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -49,7 +51,9 @@ _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 #   'xla'    lax.conv_general_dilated;
 #   'matmul' 1x1 convs as one 2-D matrix product (stride 2: a strided slice first), which
 #            XLA:CPU runs, forward and backward, in about half the time of its convolution;
-#            k x k convs stay lax.conv_general_dilated;
+#            the 7x7 stem as an im2col product; other k x k convs stay
+#            lax.conv_general_dilated; the stem max pool as nine strided slices with a
+#            closed-form gradient (max_pool_3x3_s2);
 #   'im2col' every conv as a matrix product (k x k: over the k*k shifted windows of the input),
 #            slower than 'matmul' on XLA:CPU (benchmarks/RESULTS.md), kept for measurements;
 #   'auto'   'matmul' on CPU, 'xla' on GPU and TPU.
@@ -63,6 +67,12 @@ def resolve_conv_impl(impl: str) -> str:
     if impl == "auto":
         return "matmul" if jax.default_backend() == "cpu" else "xla"
     return impl
+
+
+# XLA:CPU's convolution runs the 7x7 stem over 3 input channels at a small fraction of its usual
+# rate; as a matrix product over the 49 shifted windows (147 columns), forward and weight
+# gradient together take a half to a third of the time (benchmarks/RESULTS.md).
+_FEW_CHANNELS = 4
 
 
 def _matmul(x, w):
@@ -96,14 +106,15 @@ def conv2d(x, kernel, stride=1, dilation=1, pad=0, impl="xla"):
 
     ``impl`` (the same result within float32 rounding):
       'xla'     lax.conv_general_dilated;
-      'matmul'  1x1 unpadded convs as a matrix product, others as 'xla';
+      'matmul'  1x1 unpadded convs as a matrix product, and convs over at most
+                _FEW_CHANNELS input channels (the stem) as 'im2col'; others as 'xla';
       'im2col'  every conv as a matrix product: k x k convs over the k*k shifted windows of the
                 input concatenated on channels (B, ho, wo, k*k*c) @ (k*k*c, o).
     """
     k = kernel.shape[0]
     if impl not in CONV_IMPLS[1:]:
         raise ValueError(f"conv impl must be one of {CONV_IMPLS[1:]}, got {impl!r}")
-    if impl == "matmul" and (k > 1 or pad):
+    if impl == "matmul" and (k > 1 or pad) and x.shape[-1] > _FEW_CHANNELS:
         impl = "xla"
     if impl == "xla":
         return lax.conv_general_dilated(
@@ -118,6 +129,60 @@ def conv2d(x, kernel, stride=1, dilation=1, pad=0, impl="xla"):
         return _matmul(x[:, ::stride, ::stride] if stride > 1 else x, kernel[0, 0])
     cols = jnp.concatenate(_shifted_inputs(x, k, stride, dilation, pad), axis=-1)
     return _matmul(cols, kernel.reshape(-1, kernel.shape[-1]))
+
+
+def _pool_windows(xp, ho, wo):
+    """The nine (B, ho, wo, c) stride-2 windows of the padded xp, in row-major window order."""
+    b, _, _, c = xp.shape
+    return [
+        lax.slice(xp, (0, i, j, 0), (b, i + 2 * ho - 1, j + 2 * wo - 1, c), (1, 2, 2, 1))
+        for i in range(3)
+        for j in range(3)
+    ]
+
+
+@jax.custom_vjp
+def max_pool_3x3_s2(x):
+    """torchvision's stem max pool (3x3, stride 2, padding 1): (B, H, W, c) -> (B, ho, wo, c),
+    ho = (H - 1) // 2 + 1, as the maximum of nine strided slices.
+
+    The gradient goes to the first maximum of each window in row-major order, as in
+    lax.reduce_window's select-and-scatter, but is written as nine masked, stride-dilated
+    pads: XLA:CPU runs select-and-scatter (and reduce_window) single-threaded and slowly.
+    """
+    return _max_pool_fwd(x)[0]
+
+
+def _max_pool_fwd(x):
+    b, h, w, c = x.shape
+    ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    out = functools.reduce(jnp.maximum, _pool_windows(xp, ho, wo))
+    return out, (x, out)
+
+
+def _max_pool_bwd(res, g):
+    x, out = res
+    b, h, w, c = x.shape
+    ho, wo = out.shape[1:3]
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    taken = jnp.zeros(out.shape, bool)
+    grad = jnp.zeros((b, h + 2, w + 2, c), g.dtype)
+    zero = jnp.zeros((), g.dtype)
+    for k, win in enumerate(_pool_windows(xp, ho, wo)):
+        i, j = divmod(k, 3)
+        first = (win == out) & ~taken
+        taken = taken | first
+        # Window element (i, j) of output (r, s) sits at padded row 2r + i, column 2s + j.
+        grad = grad + lax.pad(
+            jnp.where(first, g, zero),
+            zero,
+            ((0, 0, 0), (i, h + 2 - i - 2 * ho + 1, 1), (j, w + 2 - j - 2 * wo + 1, 1), (0, 0, 0)),
+        )
+    return (grad[:, 1:-1, 1:-1],)
+
+
+max_pool_3x3_s2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 class Conv(nn.Module):
@@ -257,7 +322,10 @@ class ResNet(nn.Module):
         x = jnp.asarray(x, self.dtype)
         x = _conv(self.width, 7, 2, name="conv1", impl=impl, **kw)(x)
         x = nn.relu(_bn(train, name="bn1", **kw)(x))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        if impl == "xla":
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        else:
+            x = max_pool_3x3_s2(x)
 
         dilation = 1
         for s, num_blocks in enumerate(self.stage_sizes):
