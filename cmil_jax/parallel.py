@@ -42,6 +42,11 @@ class DevicePrefetcher:
 
     It records the input iterator's state before each batch it takes, so `state()` returns the
     state that resumes exactly at the first batch not yet handed to the training loop.
+
+    On CPU devices the host arrays are copied first: there JAX uses an aligned host array as the
+    device buffer itself, and a batch in grain's shared memory would then keep its segment
+    until the process exits (the interpreter's resource tracker reports such segments as
+    leaked). A copy of one batch is small next to a CPU training step.
     """
 
     def __init__(self, iterator, sharding: NamedSharding, size: int = 2):
@@ -49,11 +54,14 @@ class DevicePrefetcher:
         self.sharding = sharding
         self.size = max(1, size)
         self.queue = collections.deque()
+        self.copy_host = all(d.platform == "cpu" for d in sharding.mesh.devices.flat)
 
     def _fill(self):
         while len(self.queue) < self.size:
             state = self.iterator.get_state()
             batch = next(self.iterator)
+            if self.copy_host:
+                batch = {k: np.array(v, copy=True) for k, v in batch.items()}
             self.queue.append((state, to_global(batch, self.sharding)))
 
     def __iter__(self):
@@ -68,3 +76,8 @@ class DevicePrefetcher:
         if self.queue:
             return self.queue[0][0]
         return self.iterator.get_state()
+
+    def close(self):
+        """Drops the batches not yet taken, then closes the input iterator (its workers)."""
+        self.queue.clear()
+        self.iterator.close()

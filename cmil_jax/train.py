@@ -678,7 +678,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
                     break
     finally:
         bar.close()
-        train_iter.close()
+        batches.close()
         manager.wait_until_finished()
         last_checkpoint = manager.latest_step()
         best.wait()
