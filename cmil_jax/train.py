@@ -316,7 +316,7 @@ def make_train_step(model, tx, loss_cfg, state_shardings, batch_sharding, nan_st
         # statistics and optimizer state (the learning-rate schedule does not advance either).
         # A cond rather than a `where` over every leaf: only the branch taken runs, so a finite
         # step updates the donated buffers in place instead of copying the old state beside
-        # the new one (about 4% of a ResNet-50 step on CPU, benchmarks/RESULTS.md).
+        # the new one (2-10% of a CPU training step, benchmarks/RESULTS.md).
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         def apply_update(operands):
