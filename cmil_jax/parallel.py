@@ -24,9 +24,17 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def to_global(batch: dict, sharding: NamedSharding) -> dict:
-    """Host-local numpy batch -> global jax.Arrays sharded along the batch axis."""
+    """Host-local numpy batch -> global jax.Arrays sharded along the batch axis.
+
+    On CPU devices the host arrays are copied first: there JAX uses an aligned host array as the
+    device buffer itself, and a batch in grain's shared memory would then keep its segment
+    until the process exits (the interpreter's resource tracker reports such segments as
+    leaked). A copy of one batch is small next to a CPU step.
+    """
+    on_cpu = all(d.platform == "cpu" for d in sharding.mesh.devices.flat)
+    as_host = np.array if on_cpu else np.asarray
     return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
+        k: jax.make_array_from_process_local_data(sharding, as_host(v)) for k, v in batch.items()
     }
 
 
@@ -42,11 +50,6 @@ class DevicePrefetcher:
 
     It records the input iterator's state before each batch it takes, so `state()` returns the
     state that resumes exactly at the first batch not yet handed to the training loop.
-
-    On CPU devices the host arrays are copied first: there JAX uses an aligned host array as the
-    device buffer itself, and a batch in grain's shared memory would then keep its segment
-    until the process exits (the interpreter's resource tracker reports such segments as
-    leaked). A copy of one batch is small next to a CPU training step.
     """
 
     def __init__(self, iterator, sharding: NamedSharding, size: int = 2):
@@ -54,14 +57,11 @@ class DevicePrefetcher:
         self.sharding = sharding
         self.size = max(1, size)
         self.queue = collections.deque()
-        self.copy_host = all(d.platform == "cpu" for d in sharding.mesh.devices.flat)
 
     def _fill(self):
         while len(self.queue) < self.size:
             state = self.iterator.get_state()
             batch = next(self.iterator)
-            if self.copy_host:
-                batch = {k: np.array(v, copy=True) for k, v in batch.items()}
             self.queue.append((state, to_global(batch, self.sharding)))
 
     def __iter__(self):

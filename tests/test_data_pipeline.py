@@ -316,7 +316,7 @@ if __name__ == "__main__":
 def test_device_prefetcher_leaves_no_shared_memory_behind(built, tmp_path):
     """Batches from grain workers live in shared memory. On CPU, JAX would use those host arrays
     as its device buffers, and the segments of the batches still held at exit were reported as
-    leaked by the interpreter's resource tracker (with jaxlib 0.10.2, until the prefetcher
+    leaked by the interpreter's resource tracker (with jaxlib 0.10.2, until parallel.to_global
     copied them on CPU)."""
     import os
     import subprocess
