@@ -39,7 +39,14 @@ import numpy as np
 from cmil_jax import losses
 from cmil_jax import metrics as metrics_lib
 
-GRADCAM_LOGITS = ("combined", "class", "patch", "fake")
+# The logits Grad-CAM can explain, and what each is (z^U: class-token head, z^V: patch head).
+GRADCAM_LOGIT_MEANINGS = {
+    "combined": "(z^U + z^V) / 2",
+    "class": "z^U",
+    "patch": "z^V",
+    "fake": "the MIL fake logit",
+}
+GRADCAM_LOGITS = tuple(GRADCAM_LOGIT_MEANINGS)
 IOU_THRESHOLDS = tuple(np.round(np.linspace(0.05, 0.95, 19), 2))
 BACKBONE_PATH = ("backbone",)
 

@@ -313,8 +313,8 @@ def main(argv=None) -> int:
     parser.add_argument("--face", choices=("auto", "none"), default="auto",
                         help="auto: crop the largest face when the landmarks extra is installed")
     parser.add_argument("--gradcam_logit", choices=localization.GRADCAM_LOGITS, default="patch",
-                        help="logit the Grad-CAM panel explains: patch = z^V, class = z^U, "
-                             "combined = (z^U + z^V) / 2, fake = the MIL fake logit")
+                        help="logit the Grad-CAM panel explains: " + ", ".join(
+                            f"{k} = {v}" for k, v in localization.GRADCAM_LOGIT_MEANINGS.items()))
     args = parser.parse_args(argv)
     out = args.out or os.path.join(args.workdir, "predictions")
     try:

@@ -165,8 +165,7 @@ def main(argv=None):
     if baseline is not None:
         columns.append(baseline_title)
     columns += ["1 - similarity\n(MIL map)"]
-    logit = {"combined": "(z^U + z^V) / 2", "class": "z^U", "patch": "z^V"}.get(args.logit,
-                                                                              args.logit)
+    logit = localization.GRADCAM_LOGIT_MEANINGS[args.logit]
     title = (f"Grad-CAM of the class logit {logit}, {cfg.data.subset} test images; "
              f"{info['metric']} checkpoint, step {info['step']}")
     viz.plot_map_grid(rows, columns, args.out, row_titles=row_titles, title=title)
