@@ -123,7 +123,7 @@ def test_batch_stats_update_only_in_train_mode():
 
 
 # (kernel, stride, dilation, in, out, size): 1x1 and strided 1x1 (the matrix-product path),
-# 3x3 plain / strided / dilated, 7x7 strided (stem), odd sizes.
+# 3x3 plain / strided / dilated, 7x7 strided (stem: 3 and 1 input channels), odd sizes.
 CONV_CASES = [
     (1, 1, 1, 8, 12, 6),
     (1, 2, 1, 8, 12, 7),
@@ -131,6 +131,7 @@ CONV_CASES = [
     (3, 2, 1, 6, 5, 7),
     (3, 1, 2, 6, 5, 9),
     (7, 2, 1, 3, 4, 11),
+    (7, 2, 1, 1, 4, 10),
 ]
 
 
@@ -183,7 +184,7 @@ def test_stem_max_pool_equals_flax_max_pool(shape):
 
 
 def test_conv_impl_same_training_gradients():
-    """'matmul' (1x1 products, im2col stem, slice max pool) trains like 'xla': the same loss
+    """'matmul' (1x1 products, channel-padded stem, slice max pool) trains like 'xla': the same loss
     and parameter gradients in train mode, BatchNorm batch statistics included."""
     x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 40, 40, 3)), jnp.float32)
     grads, losses = {}, {}

@@ -27,9 +27,10 @@ with the biased batch variance, PyTorch with the unbiased one; eval outputs are 
 Under ``jax.jit`` over a sharded batch the statistics are those of the global batch (sync BN).
 
 Convolutions: ``conv_impl`` picks how they are computed, not what (CONV_IMPLS below). The
-default 'auto' computes the 1x1 convs and the stem as matrix products on CPU, where XLA runs
-those about twice as fast as its convolutions, forward and backward, and the stem max pool
-without reduce_window; GPUs and TPUs use lax convolutions and reduce_window.
+default 'auto' computes the 1x1 convs as matrix products on CPU, where XLA runs those about
+twice as fast as its convolutions, forward and backward, the stem over 4 input channels (3 and
+a zero channel) and the stem max pool without reduce_window; GPUs and TPUs use lax
+convolutions and reduce_window.
 
 Dilation: torchvision's BasicBlock does not support it; here the dilated stage of a BasicBlock
 net follows the Bottleneck rule: its first block keeps dilation 1 (and drops the stride), the
@@ -51,9 +52,9 @@ _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 #   'xla'    lax.conv_general_dilated;
 #   'matmul' 1x1 convs as one 2-D matrix product (stride 2: a strided slice first), which
 #            XLA:CPU runs, forward and backward, in about half the time of its convolution;
-#            the 7x7 stem as an im2col product; other k x k convs stay
-#            lax.conv_general_dilated; the stem max pool as nine strided slices with a
-#            closed-form gradient (max_pool_3x3_s2);
+#            the 7x7 stem over its input zero-padded from 3 to 4 channels (_STEM_CHANNELS);
+#            other k x k convs stay lax.conv_general_dilated; the stem max pool as nine
+#            strided slices with a closed-form gradient (max_pool_3x3_s2);
 #   'im2col' every conv as a matrix product (k x k: over the k*k shifted windows of the input),
 #            slower than 'matmul' on XLA:CPU (benchmarks/RESULTS.md), kept for measurements;
 #   'auto'   'matmul' on CPU, 'xla' on GPU and TPU.
@@ -69,10 +70,11 @@ def resolve_conv_impl(impl: str) -> str:
     return impl
 
 
-# XLA:CPU's convolution runs the 7x7 stem over 3 input channels at a small fraction of its usual
-# rate; as a matrix product over the 49 shifted windows (147 columns), forward and weight
-# gradient together take a half to a third of the time (benchmarks/RESULTS.md).
-_FEW_CHANNELS = 4
+# XLA:CPU's convolution runs the 7x7 stem over 3 input channels at half its rate over 4: with
+# the image and the kernel zero-padded to 4 channels (the same result), forward and weight
+# gradient of the demo nets' stem take 19 ms instead of 40 (B 48, 72 px, 32 filters), also
+# less than as an im2col product over the 49 shifted windows (benchmarks/RESULTS.md).
+_STEM_CHANNELS = 4
 
 
 def _matmul(x, w):
@@ -106,15 +108,20 @@ def conv2d(x, kernel, stride=1, dilation=1, pad=0, impl="xla"):
 
     ``impl`` (the same result within float32 rounding):
       'xla'     lax.conv_general_dilated;
-      'matmul'  1x1 unpadded convs as a matrix product, and convs over at most
-                _FEW_CHANNELS input channels (the stem) as 'im2col'; others as 'xla';
+      'matmul'  1x1 unpadded convs as a matrix product; convs over fewer than
+                _STEM_CHANNELS input channels (the stem) as 'xla' over input and kernel
+                zero-padded to _STEM_CHANNELS channels; others as 'xla';
       'im2col'  every conv as a matrix product: k x k convs over the k*k shifted windows of the
                 input concatenated on channels (B, ho, wo, k*k*c) @ (k*k*c, o).
     """
     k = kernel.shape[0]
     if impl not in CONV_IMPLS[1:]:
         raise ValueError(f"conv impl must be one of {CONV_IMPLS[1:]}, got {impl!r}")
-    if impl == "matmul" and (k > 1 or pad) and x.shape[-1] > _FEW_CHANNELS:
+    c = x.shape[-1]
+    if impl == "matmul" and (k > 1 or pad):
+        if c < _STEM_CHANNELS:
+            x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, _STEM_CHANNELS - c)))
+            kernel = jnp.pad(kernel, ((0, 0), (0, 0), (0, _STEM_CHANNELS - c), (0, 0)))
         impl = "xla"
     if impl == "xla":
         return lax.conv_general_dilated(
