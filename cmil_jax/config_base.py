@@ -35,6 +35,12 @@ def base_config() -> ml_collections.ConfigDict:
     # matmul | im2col. auto = matmul on CPU (1x1 convs as matrix products, about 1.5x faster
     # CPU train steps, benchmarks/RESULTS.md), xla on GPU/TPU. CMIL raises on other values.
     c.model.conv_impl = "auto"
+    # XLA:CPU's kernels for the convolutions (train.CPU_CONV_LIBRARIES): 'default' (XLA's own
+    # choice: YNNPACK in jaxlib 0.10) or 'eigen' (XLA's Eigen convolutions; YNNPACK keeps the
+    # matrix products). YNNPACK runs a convolution with 64 or fewer output channels on one
+    # thread, so 'eigen' trains the width-32 demo nets about 10% faster at 72 px and ResNet-50
+    # (width 64) about 25% slower (benchmarks/RESULTS.md). Ignored on GPU and TPU.
+    c.model.cpu_conv_library = "default"
     c.model.init_from = ""  # directory of converted backbone weights (optional)
 
     c.data = ml_collections.ConfigDict()
@@ -132,8 +138,27 @@ def seq_config(subset: str, arg: str | None) -> ml_collections.ConfigDict:
         c.data.triples = True  # method.md section 5; batch_size counts triples (examples)
         return c
     if arg == "demo":
-        return apply_demo(c)
+        return apply_triples_demo(apply_demo(c))
     raise ValueError(f"unknown config variant {arg!r}; expected '' or 'demo'")
+
+
+def apply_triples_demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The Seq-DeepFake demos on training triples within 10 minutes on 2 CPU cores.
+
+    A triple carries one sequence-labelled fake in three images and the demo's accuracy follows
+    the labelled fakes it sees (docs/method.md), so the images are smaller (72 px: still a 3 x 3
+    feature grid), the SBI image trains L_CLS only, and XLA:CPU computes the convolutions with
+    its Eigen kernels, which run the demo net's 32- and 64-channel convolutions on both cores.
+    """
+    c.data.triples = True
+    c.data.image_size = 72
+    c.data.sbi_labels = "masked"
+    c.model.cpu_conv_library = "eigen"
+    c.train.batch_size = 16  # triples: 48 images a step
+    c.train.num_steps = 3400
+    c.train.eval_every = 1700
+    c.train.checkpoint_every = 1700
+    return c
 
 
 def apply_demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -148,9 +173,7 @@ def apply_demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.model.backbone = "resnet10"
     c.model.backbone_width = 32
     c.model.dilate_last = False  # 3x3 patches at 96 px; dilation doubles the step time here
-    # Single images, not triples: a triple holds one sequence-labelled fake in three images, and
-    # on 2 CPU cores the 10-minute demo cannot see enough fakes that way (docs/method.md).
-    c.data.triples = False
+    c.data.triples = False  # single images; the configs' demo variants choose (docs/method.md)
     c.model.width = 192
     c.model.num_heads = 6
     c.train.batch_size = 32

@@ -204,6 +204,8 @@ def validate_config(cfg) -> None:
         ("train.checkpoint_every", cfg.train.checkpoint_every > 0, "must be positive"),
         ("train.max_nonfinite_steps", cfg.train.max_nonfinite_steps >= 0, "must be >= 0"),
         ("data.max_bad_records", cfg.data.max_bad_records >= 0, "must be >= 0"),
+        ("model.cpu_conv_library", cfg.model.cpu_conv_library in CPU_CONV_LIBRARIES,
+         f"must be one of {sorted(CPU_CONV_LIBRARIES)}"),
     ]
     if cfg.data.joint_name:
         per_process = cfg.train.batch_size // processes
@@ -276,8 +278,31 @@ def load_backbone_weights(state: TrainState, init_from: str) -> TrainState:
 # ----------------------------------------------------------------------------- steps
 
 
-def make_train_step(model, tx, loss_cfg, state_shardings, batch_sharding, nan_steps=()):
-    """jit-compiled (state, batch) -> (state, metrics); state donated.
+# model.cpu_conv_library -> XLA compiler options on the CPU backend (none elsewhere).
+CPU_CONV_LIBRARIES = {
+    "default": {},
+    # YNNPACK fusions for matrix products only: convolutions go to XLA's Eigen kernels.
+    "eigen": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
+}
+
+
+def compiler_options(model_cfg) -> dict | None:
+    """XLA compiler options of the train and eval steps for `model_cfg.cpu_conv_library`."""
+    library = model_cfg.cpu_conv_library
+    if library not in CPU_CONV_LIBRARIES:
+        raise ConfigError(
+            f"model.cpu_conv_library must be one of {sorted(CPU_CONV_LIBRARIES)}, "
+            f"got {library!r}"
+        )
+    if jax.default_backend() != "cpu":
+        return None
+    return dict(CPU_CONV_LIBRARIES[library]) or None
+
+
+def make_train_step(model, tx, loss_cfg, state_shardings, batch_sharding, nan_steps=(),
+                    options=None):
+    """jit-compiled (state, batch) -> (state, metrics); state donated; `options`: XLA
+    compiler options (compiler_options()).
 
     A step whose loss or gradient norm is NaN/Inf changes nothing but `step` and reports
     metrics['nonfinite'] = 1. `nan_steps` (1-based, testing only) multiplies the loss by NaN
@@ -351,11 +376,13 @@ def make_train_step(model, tx, loss_cfg, state_shardings, batch_sharding, nan_st
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
+        compiler_options=options,
     )
 
 
-def make_eval_step(model, loss_cfg, variables_shardings, batch_sharding):
-    """jit-compiled (variables, batch) -> per-image predictions (sharded like the batch)."""
+def make_eval_step(model, loss_cfg, variables_shardings, batch_sharding, options=None):
+    """jit-compiled (variables, batch) -> per-image predictions (sharded like the batch);
+    `options`: XLA compiler options (compiler_options())."""
     num_lowest = loss_cfg.num_lowest or None
 
     def eval_step(variables, batch):
@@ -371,7 +398,10 @@ def make_eval_step(model, loss_cfg, variables_shardings, batch_sharding):
         }
 
     return jax.jit(
-        eval_step, in_shardings=(variables_shardings, batch_sharding), out_shardings=batch_sharding
+        eval_step,
+        in_shardings=(variables_shardings, batch_sharding),
+        out_shardings=batch_sharding,
+        compiler_options=options,
     )
 
 
@@ -606,9 +636,12 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
         state = load_backbone_weights(state, cfg.model.init_from)
 
     nan_steps = parse_steps(cfg.train.debug_nonfinite_steps)
-    train_step = make_train_step(model, tx, cfg.loss, state_shardings, batch_sharding, nan_steps)
+    options = compiler_options(cfg.model)
+    train_step = make_train_step(
+        model, tx, cfg.loss, state_shardings, batch_sharding, nan_steps, options
+    )
     var_shardings = {"params": state_shardings.params, "batch_stats": state_shardings.batch_stats}
-    eval_step = make_eval_step(model, cfg.loss, var_shardings, batch_sharding)
+    eval_step = make_eval_step(model, cfg.loss, var_shardings, batch_sharding, options)
     best = checkpoint.BestKeeper(workdir, _select_metrics(cfg))
 
     videos = {split: evaluation.video_ids(data[split])
@@ -726,7 +759,11 @@ def evaluate_best(cfg, workdir: str, *, data=None, mesh=None, eval_step=None,
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract
         )
         eval_step = make_eval_step(
-            model, cfg.loss, jax.tree.map(lambda _: replicated, abstract), batch_sharding
+            model,
+            cfg.loss,
+            jax.tree.map(lambda _: replicated, abstract),
+            batch_sharding,
+            compiler_options(cfg.model),
         )
     writer = MetricWriter(workdir)
     # (split, dataset name, sequence metrics?) tested with every best checkpoint.

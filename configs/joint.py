@@ -22,7 +22,9 @@ from cmil_jax import config_base
 def get_config(arg=None):
   if arg not in (None, "", "c23", "c40", "demo"):
     raise ValueError(f"unknown config variant {arg!r}; expected '', c23, c40 or demo")
-  c = config_base.seq_config("facial_components", "demo" if arg == "demo" else None)
+  c = config_base.seq_config("facial_components", None)
+  if arg == "demo":
+    c = config_base.apply_demo(c)
   c.data.triples = True
   c.data.joint_name = f"ffpp/{arg or 'c23'}"  # binary dataset mixed into training
   c.data.joint_fraction = 0.5  # share of each training batch taken from it [ours]

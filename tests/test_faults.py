@@ -267,8 +267,8 @@ def test_checkpoint_left_half_written_by_a_kill_is_ignored(tmp_path):
 def test_validate_config_names_the_field(monkeypatch):
     cfg = config_base.seq_config("facial_attributes", "demo")
     train.validate_config(cfg)
-    monkeypatch.setattr(jax, "device_count", lambda: 3)
-    with pytest.raises(train.ConfigError, match=r"train.batch_size=32: .* 3 devices"):
+    monkeypatch.setattr(jax, "device_count", lambda: 5)  # the demo: 16 triples, 48 images
+    with pytest.raises(train.ConfigError, match=r"train.batch_size=16: .*48 images.* 5 devices"):
         train.validate_config(cfg)
     monkeypatch.undo()
     cfg.train.debug_nonfinite_steps = "3,x"

@@ -370,3 +370,56 @@ def test_normalize_images_uint8_equals_float():
     expected = (images[1, 2, 3] / 255.0 - np.array([0.485, 0.456, 0.406])) / [0.229, 0.224, 0.225]
     np.testing.assert_allclose(a[1, 2, 3], expected, rtol=1e-5)
     assert normalize_images(images, jnp.bfloat16).dtype == jnp.bfloat16
+
+
+def _ynn_convolutions(hlo_text: str) -> int:
+    """Convolutions inside YNNPACK fusions of a compiled module's HLO text."""
+    computations = {}
+    for block in hlo_text.split("\n\n"):
+        header = block.strip().split("\n", 1)[0]
+        if header.startswith("%"):
+            computations[header.split()[0][1:]] = block
+    called = [line.split("calls=%", 1)[1].split(",", 1)[0]
+              for line in hlo_text.splitlines()
+              if "__ynn_fusion" in line and "calls=%" in line]
+    return sum(computations.get(name, "").count(" convolution(") for name in called)
+
+
+def test_cpu_conv_library_eigen_same_gradients_without_ynnpack_convolutions():
+    """model.cpu_conv_library='eigen' only changes XLA:CPU's kernels: the convolutions leave
+    the YNNPACK fusions and the loss and gradients stay those of the default."""
+    import ml_collections
+
+    from cmil_jax import train
+
+    cfg = ml_collections.ConfigDict({"cpu_conv_library": "eigen"})
+    options = train.compiler_options(cfg)
+    cfg.cpu_conv_library = "default"
+    assert train.compiler_options(cfg) is None
+    cfg.cpu_conv_library = "onednn"
+    with pytest.raises(train.ConfigError, match="cpu_conv_library"):
+        train.compiler_options(cfg)
+    if jax.default_backend() != "cpu":
+        assert options is None
+        return
+    assert options == train.CPU_CONV_LIBRARIES["eigen"]
+
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(4, 48, 48, 3)), jnp.float32)
+    net = build_backbone("resnet10", width=24)  # 'auto': the k x k convs stay convolutions
+    variables = net.init(_key(0), x, train=False)
+
+    def loss(params):
+        y, _ = net.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+        return jnp.mean(jnp.sin(y))
+
+    results, ynn = {}, {}
+    for name, opts in (("default", None), ("eigen", options)):
+        fn = jax.jit(jax.value_and_grad(loss), compiler_options=opts)
+        ynn[name] = _ynn_convolutions(fn.lower(variables["params"]).compile().as_text())
+        results[name] = fn(variables["params"])
+    assert ynn["eigen"] == 0
+    if jax.__version_info__[:2] == (0, 10):  # jaxlib 0.10 gives f32 convolutions to YNNPACK
+        assert ynn["default"] > 0
+    np.testing.assert_allclose(results["eigen"][0], results["default"][0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(results["eigen"][1]), jax.tree.leaves(results["default"][1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
