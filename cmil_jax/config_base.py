@@ -155,9 +155,11 @@ def apply_triples_demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     c.data.sbi_labels = "masked"
     c.model.cpu_conv_library = "eigen"
     c.train.batch_size = 16  # triples: 48 images a step
-    c.train.num_steps = 3400
-    c.train.eval_every = 1700
-    c.train.checkpoint_every = 1700
+    # Seq-FaceComp needs the longer run (test Fixed-Acc 0.71 at 3,400 steps); attributes are
+    # learnt faster (0.87 at 3,400 steps), so their demo keeps a margin on the clock.
+    c.train.num_steps = 3400 if c.data.subset == "facial_components" else 3000
+    c.train.eval_every = c.train.num_steps // 2
+    c.train.checkpoint_every = c.train.num_steps // 2
     return c
 
 
