@@ -130,7 +130,8 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def seq_config(subset: str, arg: str | None) -> ml_collections.ConfigDict:
-    """Config for a Seq-DeepFake subset; `arg` = None | 'demo'."""
+    """Config for a Seq-DeepFake subset; `arg` = None | 'demo' (triples, 72 px) |
+    'demo_single' (the former demo: single images at 96 px, docs/method.md)."""
     c = base_config()
     c.data.subset = subset
     c.data.name = f"seq_deepfake/{subset}"
@@ -139,7 +140,9 @@ def seq_config(subset: str, arg: str | None) -> ml_collections.ConfigDict:
         return c
     if arg == "demo":
         return apply_triples_demo(apply_demo(c))
-    raise ValueError(f"unknown config variant {arg!r}; expected '' or 'demo'")
+    if arg == "demo_single":
+        return apply_demo(c)
+    raise ValueError(f"unknown config variant {arg!r}; expected '', 'demo' or 'demo_single'")
 
 
 def apply_triples_demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

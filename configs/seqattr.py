@@ -1,4 +1,5 @@
-"""Seq-DeepFake, facial_attributes: `--config configs/seqattr.py` (paper recipe) or `configs/seqattr.py:demo`."""
+"""Seq-DeepFake, facial_attributes: `--config configs/seqattr.py` (paper recipe) or `configs/seqattr.py:demo`
+(triples, 72 px) or `configs/seqattr.py:demo_single` (single images, 96 px)."""
 
 from cmil_jax import config_base
 

@@ -119,7 +119,7 @@ def main(argv=None):
         argv, extra = argv[:cut], argv[cut + 1:]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base_workdir", required=True)
-    parser.add_argument("--config", default="configs/seqcomp.py:demo")
+    parser.add_argument("--config", default="configs/seqcomp.py:demo_single")
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--metric", default="fixed_acc",
                         help="selection metric whose best checkpoint is reported")
