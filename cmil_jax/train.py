@@ -190,6 +190,7 @@ class ConfigError(ValueError):
 
 def validate_config(cfg) -> None:
     """Checks what lock_config cannot: values that fit the devices and processes of this run."""
+    compiler_options(cfg.model)  # raises ConfigError on an unknown model.cpu_conv_library
     devices, processes = jax.device_count(), jax.process_count()
     images = cfg.train.batch_size * (3 if cfg.data.triples else 1)
     checks = [
@@ -204,8 +205,6 @@ def validate_config(cfg) -> None:
         ("train.checkpoint_every", cfg.train.checkpoint_every > 0, "must be positive"),
         ("train.max_nonfinite_steps", cfg.train.max_nonfinite_steps >= 0, "must be >= 0"),
         ("data.max_bad_records", cfg.data.max_bad_records >= 0, "must be >= 0"),
-        ("model.cpu_conv_library", cfg.model.cpu_conv_library in CPU_CONV_LIBRARIES,
-         f"must be one of {sorted(CPU_CONV_LIBRARIES)}"),
     ]
     if cfg.data.joint_name:
         per_process = cfg.train.batch_size // processes
