@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
 # Throughput of cmil_jax against its PyTorch twin on one GPU (H100/H200), in under 8 minutes:
 # ResNet-50 and ResNet-34 CMIL at 256 px, bfloat16, batch 128 (train step and inference; JAX,
-# torch eager, torch.compile), plus the end-to-end input-pipeline rate when grain is installed.
+# torch eager, torch.compile), each with the end-to-end rate of the grain pipeline on SBI
+# training triples (when grain is importable) against the device-only rate.
 #
 #   bash benchmarks/gpu.sh              # on the GPU machine, from the repository root
+#   bash benchmarks/gpu.sh --profile    # then where the ResNet-50 step's time goes (+1.5 min)
 #   bash benchmarks/gpu.sh --cpu-smoke  # (or CPU_SMOKE=1) tiny version on CPU, 1-2 minutes
 #
-# Writes $OUT/throughput_<backbone>.json, $OUT/RESULTS_gpu.md and $OUT/env.txt
-# ($OUT defaults to ./bench_out). PYTHON selects the interpreter (default python3).
+# Writes $OUT/throughput_<backbone>.json and .log, $OUT/RESULTS_gpu.md, $OUT/env.txt and, with
+# --profile, $OUT/profile_resnet50.md ($OUT defaults to ./bench_out). PYTHON selects the
+# interpreter (default python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 SMOKE="${CPU_SMOKE:-0}"
+PROFILE=0
 for arg in "$@"; do
   case "$arg" in
     --cpu-smoke) SMOKE=1 ;;
+    --profile) PROFILE=1 ;;
     *) echo "unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -27,7 +32,7 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
-export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 
 # JAX: latency-hiding scheduler, a persistent compilation cache, and 45% of the GPU memory
 # preallocated (JAX's BFC allocator, faster than cuda_malloc_async, so TF_GPU_ALLOCATOR stays
@@ -48,13 +53,14 @@ if [ "$SMOKE" = 1 ]; then
   COMMON=(--image-size 64 --batch 4 --dtype float32 --backbone-width 16 --steps 2 --warmup 1 --windows 2 --no-compile)
   RUNS=("resnet10 150 --jax-variant conv_xla" "resnet18 90")
   E2E=(--end-to-end --e2e-workers 1 --e2e-examples 16 --e2e-steps 2)
+  PROFILE_ARGS=(--backbone resnet10 --image-size 64 --batch 4 --dtype float32 --backbone-width 16 --steps 2 --warmup 1)
 else
   COMMON=(--image-size 256 --batch 128 --dtype bfloat16 --steps 20 --warmup 5 --windows 5)
-  # backbone, seconds (JAX + torch.compile compiles, about 2-3 min, and the timed windows), extra
-  # flags. conv_matmul: the JAX step with 1x1 convs as matrix products (model.conv_impl=matmul,
-  # the CPU default; 'auto' is 'xla' on the GPU).
-  RUNS=("resnet50 280 --jax-variant conv_matmul" "resnet34 170")
+  # backbone, seconds (JAX and torch.compile compiles take most of it), extra flags.
+  RUNS=("resnet50 320" "resnet34 180")
+  # SBI triples: 42 per step (126 images; one more compile of the step for that shape).
   E2E=(--end-to-end --e2e-steps 20)
+  PROFILE_ARGS=(--backbone resnet50 --image-size 256 --batch 128 --dtype bfloat16 --steps 5 --warmup 3)
 fi
 
 {
@@ -76,15 +82,12 @@ HAVE_GRAIN=0
 "$PY" -c "import grain" 2>/dev/null && HAVE_GRAIN=1
 
 jsons=()
-first=1
 for run in "${RUNS[@]}"; do
   set -- $run
   backbone=$1 budget=$2
   shift 2
   extra=("$@")
-  # The end-to-end figure for the first backbone only (time), when grain is importable.
-  if [ "$first" = 1 ] && [ "$HAVE_GRAIN" = 1 ]; then extra+=("${E2E[@]}"); fi
-  first=0
+  if [ "$HAVE_GRAIN" = 1 ]; then extra+=("${E2E[@]}"); fi
   json="$OUT/throughput_${backbone}.json"
   echo "=== $backbone (at most ${budget}s)"
   # SIGTERM at the budget makes the script report the windows measured so far.
@@ -101,4 +104,10 @@ if [ "${#jsons[@]}" -gt 0 ]; then
     "$PY" -m benchmarks.throughput --report "${jsons[@]}"
   } > "$OUT/RESULTS_gpu.md"
   cat "$OUT/RESULTS_gpu.md"
+fi
+
+if [ "$PROFILE" = 1 ]; then
+  echo "=== step profile (at most 90s)"
+  timeout -k 10 90 "$PY" -m benchmarks.profile_step "${PROFILE_ARGS[@]}" --out "$OUT" 2>&1 \
+    | grep -v "^W0000\|^I0000"
 fi

@@ -23,8 +23,10 @@ on a shared machine hits all of them alike. The device is synchronised before an
 window (block_until_ready / cuda.synchronize); figures are medians over the windows.
 
 --end-to-end adds the rate of the real input pipeline (cmil_jax.data.pipeline, grain workers,
-decoding PNG records of synthetic faces, weak augmentation, DevicePrefetcher) feeding the same
-jitted step, next to the device-only rate. It needs grain.
+decoding PNG records of synthetic faces, SBI pseudo-fakes synthesised on the host for the
+training triples, weak augmentation, DevicePrefetcher) feeding the same jitted step, in
+windows alternating with that step on one fixed device-resident batch of the same shape (the
+device-only rate). It needs grain.
 
 Experiments, alternated with the rest: ``--jax-variant`` times the same jitted train step
 compiled with other XLA:CPU options (XLA_CPU_VARIANTS) and/or with the convolutions computed
@@ -43,6 +45,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import importlib
 import json
 import os
 import platform
@@ -177,6 +180,12 @@ def parse_args(argv=None):
     p.add_argument("--no-infer", action="store_true", help="training step only")
     p.add_argument("--only", default=None, help="comma list of runners to time (default: all)")
     p.add_argument("--end-to-end", action="store_true", help="also time the grain input pipeline")
+    p.add_argument(
+        "--e2e-data",
+        choices=("triples", "single"),
+        default="triples",
+        help="end-to-end batches: training triples with host SBI, or single images",
+    )
     p.add_argument("--e2e-workers", type=int, default=None, help="grain worker processes")
     p.add_argument("--e2e-examples", type=int, default=256, help="distinct synthetic records")
     p.add_argument("--e2e-steps", type=int, default=None, help="steps per end-to-end window")
@@ -223,7 +232,8 @@ def import_train():
 
     make_train_step, make_eval_step, create_state and build_model do not use the data modules,
     so a GPU image without grain/TFDS can still time them. The stand-ins raise ImportError on
-    any use except ``sources.DataError`` (imported by cmil_jax.faults at module level).
+    any use except ``sources.DataError`` (imported by cmil_jax.faults at module level); the
+    real pipeline module (grain and OpenCV only) is kept where it imports.
     Returns (module, note or None).
     """
     try:
@@ -242,16 +252,24 @@ def import_train():
             raise ImportError(f"{self.__name__}.{attr} is unavailable: {missing} is not installed")
 
     for name in ("cmil_jax.data.pipeline", "cmil_jax.data.sources"):
-        if name not in sys.modules:
+        if name in sys.modules:
+            continue
+        try:  # the pipeline needs grain only (the end-to-end figure uses it), sources TFDS too
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if (e.name or "").split(".")[0] not in DATA_MODULES_FOR_TRAIN:
+                raise
             sys.modules[name] = Unavailable(name)
     sys.modules["cmil_jax.data.sources"].DataError = type("DataError", (ValueError,), {})
     for name in ("cmil_jax.train", "cmil_jax.faults"):
         sys.modules.pop(name, None)
     from cmil_jax import train
 
+    stand_ins = [n for n in ("cmil_jax.data.pipeline", "cmil_jax.data.sources")
+                 if isinstance(sys.modules.get(n), Unavailable)]
     note = (
         f"{missing} is not installed: cmil_jax.train was imported with stand-ins for "
-        "cmil_jax.data.pipeline/sources (unused by the timed steps)"
+        f"{', '.join(stand_ins)} (unused by the timed steps)"
     )
     log("note:", note)
     return train, note
@@ -595,6 +613,10 @@ class SyntheticPNGSource:
     def __len__(self):
         return len(self.records)
 
+    def labels(self):
+        """int32 (N, 5) labels without decoding (the triple pipeline's genuine/fake lists)."""
+        return np.stack([r[2] for r in self.records])
+
     def __getitem__(self, index):
         import cv2
 
@@ -612,14 +634,24 @@ class SyntheticPNGSource:
         }
 
 
-def end_to_end(args, jax_extra, device_only_rate):
-    """images/s of grain pipeline -> DevicePrefetcher -> the same jitted train step."""
+def end_to_end(args, jax_extra):
+    """images/s of grain pipeline -> DevicePrefetcher -> the jitted train step, against the same
+    step on one fixed device-resident batch of the same shape (windows alternate).
+
+    ``--e2e-data triples`` (default): training triples as the Seq-DeepFake configs train on them
+    (pipeline.make_triple_train_dataset: genuine image, its SBI pseudo-fake synthesised on the
+    host, a dataset fake; ``--batch // 3`` triples per step, so 3 * (batch // 3) images).
+    ``single``: pipeline.make_train_dataset, ``--batch`` single images.
+    A step shape other than ``--batch`` compiles the step once more (reported).
+    """
     import jax
 
     from cmil_jax import parallel
 
     try:
         from cmil_jax.data import pipeline
+
+        pipeline.make_triple_train_dataset  # noqa: B018  (a stand-in raises ImportError here)
     except ImportError as e:
         return {"error": f"end-to-end needs the grain pipeline: {e}"}
     workers = (
@@ -627,47 +659,70 @@ def end_to_end(args, jax_extra, device_only_rate):
         if args.e2e_workers is not None
         else max(1, min(16, (os.cpu_count() or 2) - 2))
     )
+    triples = args.e2e_data == "triples"
     t = time.perf_counter()
     source = SyntheticPNGSource(args.e2e_examples, image_size=256)
     build_s = time.perf_counter() - t
-    ds = pipeline.make_train_dataset(
-        source,
-        batch_size=args.batch,
-        seed=0,
-        image_size=args.image_size,
-        shard=False,
-        num_workers=workers,
-        prefetch=4,
-    )
+    common = dict(seed=0, image_size=args.image_size, shard=False, num_workers=workers, prefetch=4)
+    if triples:
+        if args.batch < 3:
+            return {"error": f"--batch {args.batch} holds no triple (3 images each)"}
+        ds = pipeline.make_triple_train_dataset(
+            source, batch_size=args.batch // 3, sbi_labels="masked", **common
+        )
+        images = 3 * (args.batch // 3)
+    else:
+        ds = pipeline.make_train_dataset(source, batch_size=args.batch, **common)
+        images = args.batch
     it = iter(ds)
     batches = parallel.DevicePrefetcher(it, jax_extra["batch_sharding"], size=2)
     ctx, step = jax_extra["ctx"], jax_extra["train_step"]
+    t = time.perf_counter()
+    fixed = next(batches)  # starts the workers; also the device-only runner's batch
+    startup_s = time.perf_counter() - t
 
-    def call():
+    def fed_call():
         ctx["state"], ctx["metrics"] = step(ctx["state"], next(batches))
+
+    def fixed_call():
+        ctx["state"], ctx["metrics"] = step(ctx["state"], fixed)
 
     def sync():
         jax.block_until_ready((ctx["state"], ctx["metrics"]))
 
-    runner = Runner("jax_train_end_to_end", call, sync, args.batch)
+    device_only = Runner("jax_train_device_only", fixed_call, sync, images)
+    fed = Runner("jax_train_end_to_end", fed_call, sync, images)
     steps = args.e2e_steps or 2 * args.steps
-    t = time.perf_counter()
-    runner.first(max(args.warmup, 3))  # starts the workers; the step itself is already compiled
-    startup_s = time.perf_counter() - t
-    for _ in range(args.windows):
-        runner.window(steps)
-    rate = runner.median()
+    try:
+        device_only.first(args.warmup)  # compiles when the pipeline's batch differs from --batch
+        fed.first(max(args.warmup, 3))  # fills the pipeline's buffers
+        for w in range(args.windows):
+            for r in (fed, device_only) if w % 2 else (device_only, fed):
+                r.window(steps)
+    finally:
+        batches.close()
+    rate, device_rate = fed.median(), device_only.median()
     return {
+        "data": "triples" if triples else "single",
+        "images_per_step": images,
         "jax_train_end_to_end_images_per_sec": rate,
-        "jax_train_device_only_images_per_sec": device_only_rate,
-        "end_to_end_vs_device_only": rate / device_only_rate if device_only_rate else None,
-        "windows_images_per_sec": runner.rates,
+        "jax_train_device_only_images_per_sec": device_rate,
+        "end_to_end_vs_device_only": rate / device_rate if rate and device_rate else None,
+        "windows_images_per_sec": fed.rates,
+        "device_only_windows_images_per_sec": device_only.rates,
+        "device_only_first_call_s": device_only.first_call_s,
+        "process_cpu_s_per_step": fed.summary()["process_cpu_s_per_step"],
         "steps_per_window": steps,
         "grain_workers": workers,
         "records": args.e2e_examples,
         "records_build_s": build_s,
-        "pipeline_startup_s": startup_s,
-        "pipeline": "cmil_jax.data.pipeline.make_train_dataset (PNG decode, weak augmentation)",
+        "pipeline_first_batch_s": startup_s,
+        "pipeline": (
+            "cmil_jax.data.pipeline.make_triple_train_dataset (PNG decode, SBI on the host, "
+            "weak augmentation)"
+            if triples
+            else "cmil_jax.data.pipeline.make_train_dataset (PNG decode, weak augmentation)"
+        ),
     }
 
 
@@ -714,6 +769,7 @@ def run(args) -> dict:
     order = sorted(runners, key=lambda n: (RUNNERS.index(n.split("@")[0]), n))
     compile_errors = {}
     interrupted = None
+    e2e = {"error": "not reached: run interrupted"}
     signal.signal(signal.SIGTERM, _raise_interrupted)  # `timeout` -> report what was measured
 
     def warm(names):
@@ -751,6 +807,12 @@ def run(args) -> dict:
             for name in list(order):
                 if name not in costly:
                     runners[name].window(args.steps)
+        # The end-to-end figure before torch.compile too (it has its own device-only rate).
+        if args.end_to_end:
+            e2e = {"error": "needs the jax_train runner"}
+            if "jax_train" in runners:
+                log("end to end: building records and starting grain workers ...")
+                e2e = end_to_end(args, jax_extra)
         warm(costly)
         for w in range(args.windows):
             window_round(w)
@@ -824,17 +886,8 @@ def run(args) -> dict:
     result["ratios"] = ratios
 
     result["interrupted"] = interrupted
-    if args.end_to_end and interrupted:
-        result["end_to_end"] = {"error": "skipped: run interrupted"}
-    elif args.end_to_end:
-        if "jax_train" not in runners:
-            result["end_to_end"] = {"error": "needs the jax_train runner"}
-        else:
-            log("end to end: building records and starting grain workers ...")
-            try:
-                result["end_to_end"] = end_to_end(args, jax_extra, rate("jax_train"))
-            except Interrupted as e:
-                result["end_to_end"] = {"error": f"interrupted ({e})"}
+    if args.end_to_end:
+        result["end_to_end"] = e2e
     result["loadavg_before"] = load_before
     result["loadavg_after"] = os.getloadavg()
     return result
@@ -860,9 +913,17 @@ def format_table(result) -> str:
     e2e = result.get("end_to_end")
     if e2e and "jax_train_end_to_end_images_per_sec" in e2e:
         w = e2e["windows_images_per_sec"]
+        d = e2e["device_only_windows_images_per_sec"]
+        what = f"{e2e['data']}, {e2e['images_per_step']} images/step"
         rows.append(
-            f"| jax_train_end_to_end ({e2e['grain_workers']} grain workers) | "
-            f"{f(e2e['jax_train_end_to_end_images_per_sec'])} | {f(min(w))} | {f(max(w))} | | | |"
+            f"| jax_train_end_to_end ({what}, {e2e['grain_workers']} grain workers) | "
+            f"{f(e2e['jax_train_end_to_end_images_per_sec'])} | {f(min(w))} | {f(max(w))} | "
+            f"{f(e2e['process_cpu_s_per_step'])} | | |"
+        )
+        rows.append(
+            f"| jax_train_device_only ({what}, alternating with the row above) | "
+            f"{f(e2e['jax_train_device_only_images_per_sec'])} | {f(min(d))} | {f(max(d))} | "
+            "| | |"
         )
     r = result
     header = (

@@ -1,0 +1,261 @@
+"""Where a training step's device time goes: cmil_jax (jax.profiler) next to its PyTorch twin.
+
+    python -m benchmarks.profile_step --backbone resnet50 --image-size 256 --batch 128 \
+        --dtype bfloat16 [--steps 5] [--warmup 3] [--no-torch] [--top 25] [--out DIR]
+
+Traces ``--steps`` steps of the same jitted train step that ``benchmarks.throughput`` times
+(after compilation and ``--warmup`` steps), reads the trace back with
+``jax.profiler.ProfileData`` and sums the kernels' durations: on a GPU the kernels of the
+device plane's streams, on the CPU the XLA thunks of the host plane (all threads added up, so
+on several cores the sum exceeds the wall time). Then the twin's eager train step under
+``torch.profiler`` (device kernels on a GPU, operators on the CPU). Prints, per framework, the
+wall time per step, the summed kernel time per step, the top kernels and the time per kind of
+kernel (convolution, matrix product, fused elementwise/reduction, copies, ...); writes the
+tables to ``DIR/profile_<backbone>.md`` (and the JAX trace under ``DIR/jax_trace`` with
+``--keep-trace``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import re
+import shutil
+import tempfile
+import time
+
+from benchmarks import throughput
+
+# Kind of a kernel or thunk, from its name (first match wins; lower-case substrings).
+KINDS = (
+    ("batch norm", ("bn_fw", "bn_bw", "batch_norm", "batchnorm")),
+    ("convolution", ("conv", "cudnn", "implicit_gemm", "wgrad", "dgrad", "fprop")),
+    ("matrix product", ("gemm", "cublas", "cutlass", "nvjet", "matmul", "dot", "aten::mm",
+                        "addmm", "bmm")),
+    ("copy/transpose", ("memcpy", "memset", "copy", "transpose")),
+    ("reduction", ("reduce", "input_")),
+    ("elementwise/fusion", ("fusion", "loop_", "triton", "elementwise", "vectorized", "add", "mul")),
+)
+
+
+# Lines of a device plane that repeat the kernels' time under other names.
+DERIVED_LINES = ("XLA Ops", "XLA Modules", "Steps", "Framework Ops", "Framework Name Scope",
+                 "Source code", "XLA TraceMe", "Launch Stats")
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "other"
+
+
+def summarize(durations: dict[str, list[float]], steps: int, top: int) -> tuple[float, list[str]]:
+    """durations: kernel name -> list of ms. -> (ms per step, markdown lines)."""
+    total = sum(sum(v) for v in durations.values())
+    per_step = total / steps
+    lines = ["| kernel | ms/step | % | calls/step |", "|---|---:|---:|---:|"]
+    ranked = sorted(durations.items(), key=lambda kv: -sum(kv[1]))
+    for name, ds in ranked[:top]:
+        short = name if len(name) <= 90 else name[:87] + "..."
+        short = short.replace("|", "/")
+        lines.append(
+            f"| `{short}` | {sum(ds) / steps:.3f} | {100 * sum(ds) / max(total, 1e-9):.1f} | "
+            f"{len(ds) / steps:.1f} |"
+        )
+    kinds = collections.Counter()
+    for name, ds in durations.items():
+        kinds[kind_of(name)] += sum(ds)
+    lines += ["", "| kind | ms/step | % |", "|---|---:|---:|"]
+    for kind, ms in kinds.most_common():
+        lines.append(f"| {kind} | {ms / steps:.3f} | {100 * ms / max(total, 1e-9):.1f} |")
+    return per_step, lines
+
+
+def jax_kernel_times(trace_dir: str) -> tuple[dict[str, list[float]], str]:
+    """Kernel (GPU) or thunk (CPU) name -> durations in ms, from the newest xplane.pb."""
+    from jax.profiler import ProfileData
+
+    paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
+    if not paths:
+        raise FileNotFoundError(f"no *.xplane.pb under {trace_dir}")
+    data = ProfileData.from_file(paths[-1])
+    out = collections.defaultdict(list)
+    gpu = [p for p in data.planes if p.name.startswith("/device:GPU")]
+    if gpu:
+        for plane in gpu:
+            lines = list(plane.lines)
+            streams = [ln for ln in lines if "stream" in ln.name.lower()] or [
+                ln for ln in lines if ln.name not in DERIVED_LINES
+            ]
+            for line in streams:
+                for ev in line.events:
+                    out[ev.name].append(ev.duration_ns / 1e6)
+        return out, "GPU kernels (device plane streams)"
+    for plane in data.planes:
+        if plane.name != "/host:CPU":
+            continue
+        for line in plane.lines:
+            if line.name == "python" or "XLA" not in line.name and "Eigen" not in line.name:
+                continue
+            for ev in line.events:
+                if not ev.name.startswith("ThunkExecutor"):  # wrappers around the thunks
+                    out[ev.name].append(ev.duration_ns / 1e6)
+    return out, "XLA:CPU thunks (host threads, summed)"
+
+
+def profile_jax(args, cfg, train, batch_np, work_dir: str) -> dict:
+    import jax
+
+    runners, host_vars, extra = throughput.jax_runners(train, cfg, args, batch_np, {"jax_train"})
+    r = runners["jax_train"]
+    t = time.perf_counter()
+    r.first(args.warmup)
+    compile_s = time.perf_counter() - t
+    trace_dir = os.path.join(work_dir, "jax_trace")
+    r.sync()
+    jax.profiler.start_trace(trace_dir)
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        r.call()
+    r.sync()
+    wall = (time.perf_counter() - t) / args.steps * 1e3
+    jax.profiler.stop_trace()
+    t = time.perf_counter()
+    for _ in range(args.steps):  # untraced, for the profiler's overhead
+        r.call()
+    r.sync()
+    wall_untraced = (time.perf_counter() - t) / args.steps * 1e3
+    times, what = jax_kernel_times(trace_dir)
+    per_step, lines = summarize(times, args.steps, args.top)
+    del extra
+    return {
+        "what": what,
+        "first_call_and_warmup_s": compile_s,
+        "wall_ms_per_step_traced": wall,
+        "wall_ms_per_step": wall_untraced,
+        "kernel_ms_per_step": per_step,
+        "lines": lines,
+        "trace_dir": trace_dir,
+        "host_vars": host_vars,
+    }
+
+
+def profile_torch(args, cfg, batch_np, flax_vars) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    runners, info = throughput.torch_runners(
+        cfg, args, batch_np, flax_vars, {"torch_eager_train"}
+    )
+    r = runners["torch_eager_train"]
+    r.first(args.warmup)
+    cuda = torch.cuda.is_available()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    r.sync()
+    with profile(activities=acts) as prof:
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            r.call()
+        r.sync()
+        wall = (time.perf_counter() - t) / args.steps * 1e3
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        r.call()
+    r.sync()
+    wall_untraced = (time.perf_counter() - t) / args.steps * 1e3
+    times = collections.defaultdict(list)
+    if cuda:
+        for ev in prof.events():
+            if ev.device_type == torch.autograd.DeviceType.CUDA:
+                times[ev.name].append(ev.time_range.elapsed_us() / 1e3)
+        what = "CUDA kernels"
+    else:
+        for ev in prof.key_averages():
+            if ev.self_cpu_time_total > 0 and ev.key.startswith("aten::"):
+                times[ev.key] = [ev.self_cpu_time_total / 1e3 / max(ev.count, 1)] * ev.count
+        what = "aten operators, self CPU time (all threads of one op counted once)"
+    per_step, lines = summarize(times, args.steps, args.top)
+    return {
+        "what": what,
+        "device": info["device"],
+        "wall_ms_per_step_traced": wall,
+        "wall_ms_per_step": wall_untraced,
+        "kernel_ms_per_step": per_step,
+        "lines": lines,
+    }
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--backbone", default="resnet50")
+    p.add_argument("--backbone-width", type=int, default=None)
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    p.add_argument("--steps", type=int, default=5, help="traced steps")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--top", type=int, default=25, help="kernels listed per framework")
+    p.add_argument("--no-torch", action="store_true", help="profile the JAX step only")
+    p.add_argument("--keep-trace", action="store_true", help="keep the JAX trace under --out")
+    p.add_argument("--out", default=None, help="write profile_<backbone>.md here")
+    args = p.parse_args(argv)
+    # Fields that throughput.jax_runners / torch_runners read.
+    args.jax_variant = []
+    args.torch_threads = None
+    args.torch_alt_threads = None
+    args.torch_compile_mode = None
+    args.no_compile = True
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
+    import jax
+
+    train, _ = throughput.import_train()
+    cfg, _ = throughput.make_config(args)
+    batch_np = throughput.host_batch(args.batch, args.image_size)
+    work = tempfile.mkdtemp(prefix="cmil_profile_")
+    dev = jax.devices()[0]
+    title = (
+        f"{args.backbone} {args.image_size}px batch {args.batch} {args.dtype}, "
+        f"{args.steps} traced steps; JAX on {dev.platform}: {dev.device_kind}"
+    )
+    throughput.log("profiling the JAX train step ...")
+    jax_res = profile_jax(args, cfg, train, batch_np, work)
+    sections = [("cmil_jax train step", jax_res)]
+    if not args.no_torch:
+        throughput.log("profiling the PyTorch twin's eager train step ...")
+        twin = profile_torch(args, cfg, batch_np, jax_res.pop("host_vars"))
+        sections.append(("PyTorch twin eager train step", twin))
+    out = [f"## Step profile: {title}", ""]
+    for name, res in sections:
+        out += [
+            f"### {name}: {res['what']}",
+            "",
+            f"wall {res['wall_ms_per_step']:.2f} ms/step untraced "
+            f"({res['wall_ms_per_step_traced']:.2f} traced); summed kernel time "
+            f"{res['kernel_ms_per_step']:.2f} ms/step",
+            "",
+            *res["lines"],
+            "",
+        ]
+    text = "\n".join(out)
+    print(text, flush=True)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, f"profile_{args.backbone}.md"), "w") as f:
+            f.write(text + "\n")
+        if args.keep_trace:
+            shutil.copytree(jax_res["trace_dir"], os.path.join(args.out, "jax_trace"),
+                            dirs_exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
