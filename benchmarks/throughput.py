@@ -249,7 +249,8 @@ def import_train():
         def __getattr__(self, attr):
             if attr.startswith("__"):
                 raise AttributeError(attr)
-            raise ImportError(f"{self.__name__}.{attr} is unavailable: {missing} is not installed")
+            # AttributeError, as for any missing attribute: torch.compile probes modules.
+            raise AttributeError(f"{self.__name__}.{attr} is unavailable: {missing} is not installed")
 
     for name in ("cmil_jax.data.pipeline", "cmil_jax.data.sources"):
         if name in sys.modules:
@@ -651,8 +652,8 @@ def end_to_end(args, jax_extra):
     try:
         from cmil_jax.data import pipeline
 
-        pipeline.make_triple_train_dataset  # noqa: B018  (a stand-in raises ImportError here)
-    except ImportError as e:
+        pipeline.make_triple_train_dataset  # noqa: B018  (a stand-in raises AttributeError)
+    except (ImportError, AttributeError) as e:
         return {"error": f"end-to-end needs the grain pipeline: {e}"}
     workers = (
         args.e2e_workers
@@ -695,7 +696,9 @@ def end_to_end(args, jax_extra):
     steps = args.e2e_steps or 2 * args.steps
     try:
         device_only.first(args.warmup)  # compiles when the pipeline's batch differs from --batch
-        fed.first(max(args.warmup, 3))  # fills the pipeline's buffers
+        # Every worker's first batches (on an H100 the first fed window after a shorter
+        # warm-up ran at 5% of the later ones).
+        fed.first(max(args.warmup, 2 * workers))
         for w in range(args.windows):
             for r in (fed, device_only) if w % 2 else (device_only, fed):
                 r.window(steps)
