@@ -30,6 +30,7 @@ from benchmarks import throughput
 
 # Kind of a kernel or thunk, from its name (first match wins; lower-case substrings).
 KINDS = (
+    ("YNNPACK fusion (XLA:CPU convolutions, products)", ("ynn_fusion",)),
     ("batch norm", ("bn_fw", "bn_bw", "batch_norm", "batchnorm")),
     ("convolution", ("conv", "cudnn", "implicit_gemm", "wgrad", "dgrad", "fprop")),
     ("matrix product", ("gemm", "cublas", "cutlass", "nvjet", "matmul", "dot", "aten::mm",

@@ -3,7 +3,8 @@
     python -m benchmarks.throughput --backbone resnet50 --image-size 256 --batch 128 \
         --json OUT.json \
         [--dtype bfloat16|float32] [--steps N] [--warmup N] [--windows N] [--no-compile] \
-        [--xla-onednn] [--no-infer] [--only RUNNER,...] [--end-to-end [--e2e-workers N]] \
+        [--xla-onednn] [--no-infer] [--only RUNNER,...] \
+        [--end-to-end [--e2e-data triples|single] [--e2e-workers N]] \
         [--jax-variant NAME ...] [--torch-threads N] [--torch-alt-threads N]
     python -m benchmarks.throughput --report OUT.json ...      # markdown tables
 
