@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Throughput of cmil_jax against its PyTorch twin on one GPU (H100/H200), in under 8 minutes:
+# Throughput of cmil_jax against its PyTorch twin on one GPU (H100/H200), in about 7 minutes
+# on an H100 (at most 8: each backbone has a time budget, after which it reports what it has):
 # ResNet-50 and ResNet-34 CMIL at 256 px, bfloat16, batch 128 (train step and inference; JAX,
 # torch eager, torch.compile), each with the end-to-end rate of the grain pipeline on SBI
 # training triples (when grain is importable) against the device-only rate.
 #
 #   bash benchmarks/gpu.sh              # on the GPU machine, from the repository root
-#   bash benchmarks/gpu.sh --profile    # then where the ResNet-50 step's time goes (+1.5 min)
+#   bash benchmarks/gpu.sh --profile    # then where the ResNet-50 step's time goes (+30-90 s)
 #   bash benchmarks/gpu.sh --cpu-smoke  # (or CPU_SMOKE=1) tiny version on CPU, 1-2 minutes
 #
 # Writes $OUT/throughput_<backbone>.json and .log, $OUT/RESULTS_gpu.md, $OUT/env.txt and, with
