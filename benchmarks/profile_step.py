@@ -21,10 +21,8 @@ import argparse
 import collections
 import glob
 import os
-import re
 import shutil
 import tempfile
-import time
 
 from benchmarks import throughput
 
@@ -108,34 +106,26 @@ def jax_kernel_times(trace_dir: str) -> tuple[dict[str, list[float]], str]:
     return out, "XLA:CPU thunks (host threads, summed)"
 
 
+def ms_per_step(runner, steps: int) -> float:
+    """Wall ms per step over one throughput.Runner window (device synchronised around it)."""
+    return runner.window(steps) / steps * 1e3
+
+
 def profile_jax(args, cfg, train, batch_np, work_dir: str) -> dict:
     import jax
 
-    runners, host_vars, extra = throughput.jax_runners(train, cfg, args, batch_np, {"jax_train"})
+    runners, host_vars, _ = throughput.jax_runners(train, cfg, args, batch_np, {"jax_train"})
     r = runners["jax_train"]
-    t = time.perf_counter()
     r.first(args.warmup)
-    compile_s = time.perf_counter() - t
     trace_dir = os.path.join(work_dir, "jax_trace")
-    r.sync()
     jax.profiler.start_trace(trace_dir)
-    t = time.perf_counter()
-    for _ in range(args.steps):
-        r.call()
-    r.sync()
-    wall = (time.perf_counter() - t) / args.steps * 1e3
+    wall = ms_per_step(r, args.steps)
     jax.profiler.stop_trace()
-    t = time.perf_counter()
-    for _ in range(args.steps):  # untraced, for the profiler's overhead
-        r.call()
-    r.sync()
-    wall_untraced = (time.perf_counter() - t) / args.steps * 1e3
+    wall_untraced = ms_per_step(r, args.steps)  # the profiler's overhead
     times, what = jax_kernel_times(trace_dir)
     per_step, lines = summarize(times, args.steps, args.top)
-    del extra
     return {
         "what": what,
-        "first_call_and_warmup_s": compile_s,
         "wall_ms_per_step_traced": wall,
         "wall_ms_per_step": wall_untraced,
         "kernel_ms_per_step": per_step,
@@ -149,25 +139,14 @@ def profile_torch(args, cfg, batch_np, flax_vars) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    runners, info = throughput.torch_runners(
-        cfg, args, batch_np, flax_vars, {"torch_eager_train"}
-    )
+    runners, _ = throughput.torch_runners(cfg, args, batch_np, flax_vars, {"torch_eager_train"})
     r = runners["torch_eager_train"]
     r.first(args.warmup)
     cuda = torch.cuda.is_available()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    r.sync()
     with profile(activities=acts) as prof:
-        t = time.perf_counter()
-        for _ in range(args.steps):
-            r.call()
-        r.sync()
-        wall = (time.perf_counter() - t) / args.steps * 1e3
-    t = time.perf_counter()
-    for _ in range(args.steps):
-        r.call()
-    r.sync()
-    wall_untraced = (time.perf_counter() - t) / args.steps * 1e3
+        wall = ms_per_step(r, args.steps)
+    wall_untraced = ms_per_step(r, args.steps)
     times = collections.defaultdict(list)
     if cuda:
         for ev in prof.events():
@@ -182,7 +161,6 @@ def profile_torch(args, cfg, batch_np, flax_vars) -> dict:
     per_step, lines = summarize(times, args.steps, args.top)
     return {
         "what": what,
-        "device": info["device"],
         "wall_ms_per_step_traced": wall,
         "wall_ms_per_step": wall_untraced,
         "kernel_ms_per_step": per_step,

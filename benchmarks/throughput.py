@@ -232,8 +232,8 @@ def import_train():
     """cmil_jax.train, with stand-ins for its data imports when grain/TFDS are not installed.
 
     make_train_step, make_eval_step, create_state and build_model do not use the data modules,
-    so a GPU image without grain/TFDS can still time them. The stand-ins raise ImportError on
-    any use except ``sources.DataError`` (imported by cmil_jax.faults at module level); the
+    so a GPU image without grain/TFDS can still time them. The stand-ins raise AttributeError
+    on any use except ``sources.DataError`` (imported by cmil_jax.faults at module level); the
     real pipeline module (grain and OpenCV only) is kept where it imports.
     Returns (module, note or None).
     """
