@@ -179,6 +179,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--top", type=int, default=25, help="kernels listed per framework")
     p.add_argument("--no-torch", action="store_true", help="profile the JAX step only")
+    p.add_argument(
+        "--conv-impl", default="auto", help="the JAX ResNet's model.conv_impl (see models/resnet.py)"
+    )
     p.add_argument("--keep-trace", action="store_true", help="keep the JAX trace under --out")
     p.add_argument("--out", default=None, help="write profile_<backbone>.md here")
     args = p.parse_args(argv)
@@ -198,6 +201,7 @@ def main(argv=None):
 
     train, _ = throughput.import_train()
     cfg, _ = throughput.make_config(args)
+    cfg.model.conv_impl = args.conv_impl
     batch_np = throughput.host_batch(args.batch, args.image_size)
     work = tempfile.mkdtemp(prefix="cmil_profile_")
     dev = jax.devices()[0]

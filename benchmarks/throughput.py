@@ -160,6 +160,14 @@ def parse_args(argv=None):
         help="torch.set_num_threads (default: torch's own default, one per core)",
     )
     p.add_argument(
+        "--malloc",
+        choices=("auto", "keep", "default"),
+        default="auto",
+        help="host memory of the process (both frameworks): 'keep' = cmil_jax.host_memory."
+        "keep_freed_memory(), 'default' = glibc's settings, 'auto' = 'keep' where JAX runs on "
+        "the CPU (what cmil_jax.main does)",
+    )
+    p.add_argument(
         "--xla-onednn",
         action="store_true",
         help="add --xla_cpu_experimental_onednn_custom_call=true to XLA_FLAGS (CPU)",
@@ -390,6 +398,7 @@ MODEL_EXPERIMENTS = {
     "conv_xla": {"conv_impl": "xla"},
     "conv_matmul": {"conv_impl": "matmul"},
     "conv_im2col": {"conv_impl": "im2col"},
+    "conv_onednn": {"conv_impl": "onednn"},
 }
 
 
@@ -762,6 +771,9 @@ def run(args) -> dict:
             os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
     # JAX and PyTorch share one GPU here: do not let JAX preallocate 75% of it.
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
+    from cmil_jax import host_memory
+
+    malloc_kept = host_memory.apply(args.malloc)  # before JAX starts its backend threads
 
     import jax
 
@@ -874,6 +886,7 @@ def run(args) -> dict:
         "config_source": config_source,
         "import_note": import_note,
         "jax_init_s": jax_extra["init_s"],
+        "malloc": "keep_freed_memory" if malloc_kept else "default",
     }
     for name in RUNNERS:
         result[f"{name}_images_per_sec"] = rate(name)
@@ -957,7 +970,8 @@ def format_table(result) -> str:
     header = (
         f"{r['device']}; torch {r.get('torch_device')} ({r.get('torch_threads')} threads); "
         f"{r['backbone']} {r['image_size']}px batch {r['batch']} {r['dtype']}; "
-        f"loadavg {r['loadavg_before'][0]:.2f} -> {r['loadavg_after'][0]:.2f}"
+        f"loadavg {r['loadavg_before'][0]:.2f} -> {r['loadavg_after'][0]:.2f}; "
+        f"malloc {r.get('malloc', 'default')}"
     )
     lines = [header, *rows, ""]
     if e2e and "error" in e2e:

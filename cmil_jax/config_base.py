@@ -32,8 +32,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.num_classes = labels.NUM_CLASSES  # C
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
     # How ResNet convolutions are computed (same variables and results for all): auto | xla |
-    # matmul | im2col. auto = matmul on CPU (1x1 convs as matrix products, about 1.5x faster
-    # CPU train steps, benchmarks/RESULTS.md), xla on GPU/TPU. CMIL raises on other values.
+    # matmul | im2col | onednn. auto = onednn on CPU where it can be built (convolutions and
+    # BatchNorm + ReLU through oneDNN custom calls; needs the `onednn` extra), else matmul
+    # (1x1 convs as matrix products); xla on GPU/TPU (docs/backbones.md). CMIL raises on
+    # other values.
     c.model.conv_impl = "auto"
     # XLA:CPU's kernels for the convolutions (train.CPU_CONV_LIBRARIES): 'default' (XLA's own
     # choice: YNNPACK in jaxlib 0.10) or 'eigen' (XLA's Eigen convolutions; YNNPACK keeps the

@@ -135,7 +135,7 @@ CONV_CASES = [
 ]
 
 
-@pytest.mark.parametrize("impl", ["matmul", "im2col"])
+@pytest.mark.parametrize("impl", ["matmul", "im2col", "onednn"])
 @pytest.mark.parametrize("kernel, stride, dilation, cin, cout, size", CONV_CASES)
 def test_conv_impls_equal_lax_conv(impl, kernel, stride, dilation, cin, cout, size):
     """Forward and both gradients of resnet.conv2d equal lax.conv_general_dilated's."""
@@ -183,32 +183,38 @@ def test_stem_max_pool_equals_flax_max_pool(shape):
     np.testing.assert_allclose(vjp(g)[0], vjp_ref(g)[0], rtol=1e-6, atol=1e-6)
 
 
-def test_conv_impl_same_training_gradients():
-    """'matmul' (1x1 products, channel-padded stem, slice max pool) trains like 'xla': the same loss
-    and parameter gradients in train mode, BatchNorm batch statistics included."""
+@pytest.mark.parametrize("impl", ["matmul", "onednn"])
+def test_conv_impl_same_training_gradients(impl):
+    """'matmul' (1x1 products, channel-padded stem, slice max pool) and 'onednn' (oneDNN convs
+    and BatchNorm + ReLU) train like 'xla': the same loss, parameter gradients and updated
+    BatchNorm statistics in train mode."""
     x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 40, 40, 3)), jnp.float32)
-    grads, losses = {}, {}
-    for impl in ("xla", "matmul"):
-        net = build_backbone("resnet10", width=8, conv_impl=impl)
+    grads, losses, stats = {}, {}, {}
+    for name in ("xla", impl):
+        net = build_backbone("resnet10", width=8, conv_impl=name)
         variables = net.init(_key(0), x, train=False)
 
         def loss(params):
-            y, _ = net.apply({**variables, "params": params}, x, train=True,
-                             mutable=["batch_stats"])
-            return jnp.mean(jnp.sin(y))
+            y, updates = net.apply({**variables, "params": params}, x, train=True,
+                                   mutable=["batch_stats"])
+            return jnp.mean(jnp.sin(y)), updates["batch_stats"]
 
-        losses[impl], grads[impl] = jax.jit(jax.value_and_grad(loss))(variables["params"])
-    np.testing.assert_allclose(losses["matmul"], losses["xla"], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(grads["matmul"]), jax.tree.leaves(grads["xla"])):
+        (losses[name], stats[name]), grads[name] = jax.jit(
+            jax.value_and_grad(loss, has_aux=True))(variables["params"])
+    np.testing.assert_allclose(losses[impl], losses["xla"], rtol=1e-5)
+    assert jax.tree.structure(grads[impl]) == jax.tree.structure(grads["xla"])
+    for a, b in zip(jax.tree.leaves(grads[impl]), jax.tree.leaves(grads["xla"])):
         scale = float(jnp.abs(b).max())
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * scale)
+    for a, b in zip(jax.tree.leaves(stats[impl]), jax.tree.leaves(stats["xla"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_conv_impl_same_variables_and_outputs():
     """conv_impl changes how, not what: identical variables, and outputs within rounding."""
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64, 64, 3)), jnp.float32)
     outs, trees = {}, {}
-    for impl in ("xla", "matmul", "auto"):
+    for impl in ("xla", "matmul", "onednn", "auto"):
         net = build_backbone("resnet50", width=8, dilate_last=True, conv_impl=impl)
         variables = net.init(_key(0), x, train=False)
         trees[impl] = jax.tree.map(lambda a: (a.shape, a.dtype), variables)
@@ -217,16 +223,19 @@ def test_conv_impl_same_variables_and_outputs():
             ref_vars = variables
         else:
             assert jax.tree.all(jax.tree.map(np.array_equal, variables, ref_vars))
-    assert trees["xla"] == trees["matmul"] == trees["auto"]
+    assert trees["xla"] == trees["matmul"] == trees["onednn"] == trees["auto"]
     scale = float(jnp.abs(outs["xla"]).max())
-    for impl in ("matmul", "auto"):
+    for impl in ("matmul", "onednn", "auto"):
         np.testing.assert_allclose(outs[impl], outs["xla"], rtol=1e-4, atol=1e-5 * scale)
 
 
 def test_conv_impl_auto_and_errors():
+    # The test extra installs oneDNN; the tests run on one CPU device.
     assert resnet.resolve_conv_impl("auto") == (
-        "matmul" if jax.default_backend() == "cpu" else "xla"
+        "onednn" if jax.default_backend() == "cpu" else "xla"
     )
+    if jax.default_backend() == "cpu":  # oneDNN's calls here are float32 only
+        assert resnet.resolve_conv_impl("auto", jnp.bfloat16) == "matmul"
     assert resnet.resolve_conv_impl("xla") == "xla"
     with pytest.raises(ValueError, match="conv_impl"):
         resnet.resolve_conv_impl("cudnn")
@@ -405,7 +414,7 @@ def test_cpu_conv_library_eigen_same_gradients_without_ynnpack_convolutions():
     assert options == train.CPU_CONV_LIBRARIES["eigen"]
 
     x = jnp.asarray(np.random.default_rng(2).normal(size=(4, 48, 48, 3)), jnp.float32)
-    net = build_backbone("resnet10", width=24)  # 'auto': the k x k convs stay convolutions
+    net = build_backbone("resnet10", width=24, conv_impl="matmul")  # k x k convs stay lax convs
     variables = net.init(_key(0), x, train=False)
 
     def loss(params):

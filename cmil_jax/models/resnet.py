@@ -26,10 +26,11 @@ BatchNorm: momentum 0.9 (PyTorch 0.1), eps 1e-5. In training, Flax updates the r
 with the biased batch variance, PyTorch with the unbiased one; eval outputs are unaffected.
 Under ``jax.jit`` over a sharded batch the statistics are those of the global batch (sync BN).
 
-Convolutions: ``conv_impl`` picks how they are computed, not what (CONV_IMPLS below). The
-default 'auto' computes the 1x1 convs as matrix products on CPU, where XLA runs those about
-twice as fast as its convolutions, forward and backward, the stem over 4 input channels (3 and
-a zero channel) and the stem max pool without reduce_window; GPUs and TPUs use lax
+Convolutions: ``conv_impl`` picks how they are computed, not what (CONV_IMPLS below). On CPU
+the default 'auto' computes the convolutions and the training-mode BatchNorm (+ ReLU) through
+oneDNN custom calls where they can be built ('onednn'), else the 1x1 convs as matrix
+products, which XLA runs about twice as fast as its convolutions, the stem over 4 input
+channels and the stem max pool without reduce_window ('matmul'); GPUs and TPUs use lax
 convolutions and reduce_window.
 
 Dilation: torchvision's BasicBlock does not support it; here the dilated stage of a BasicBlock
@@ -38,6 +39,7 @@ following blocks use dilation 2 in both 3x3 convs.
 """
 
 import functools
+import logging
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -57,17 +59,40 @@ _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 #            strided slices with a closed-form gradient (max_pool_3x3_s2);
 #   'im2col' every conv as a matrix product (k x k: over the k*k shifted windows of the input),
 #            slower than 'matmul' on XLA:CPU (benchmarks/RESULTS.md), kept for measurements;
-#   'auto'   'matmul' on CPU, 'xla' on GPU and TPU.
-CONV_IMPLS = ("auto", "xla", "matmul", "im2col")
+#   'onednn' every conv, and each BatchNorm with the ReLU after it, through oneDNN (the
+#            library PyTorch uses on CPU) as XLA custom calls (cmil_jax.ops.onednn; CPU,
+#            float32; needs the `onednn` extra and a C++ compiler): about 1.4x the train-step
+#            rate of 'matmul' on ResNet-50 (benchmarks/RESULTS.md);
+#   'auto'   'onednn' on CPU where it can be used (float32, one device), else 'matmul' on
+#            CPU, 'xla' on GPU and TPU.
+CONV_IMPLS = ("auto", "xla", "matmul", "im2col", "onednn")
 
 
-def resolve_conv_impl(impl: str) -> str:
-    """'auto' -> 'matmul' on the CPU backend, else 'xla'; checks the name."""
+def resolve_conv_impl(impl: str, dtype=jnp.float32) -> str:
+    """'auto' -> on the CPU backend 'onednn' when it can be used (float32, one device, the
+    library built: cmil_jax.ops.onednn.available()), else 'matmul'; 'xla' on GPU and TPU.
+    Checks the name."""
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "matmul" if jax.default_backend() == "cpu" else "xla"
-    return impl
+    if impl != "auto":
+        return impl
+    if jax.default_backend() != "cpu":
+        return "xla"
+    # XLA does not split the custom calls over devices: several CPU devices keep 'matmul'.
+    if jnp.dtype(dtype) != jnp.float32 or jax.device_count() > 1:
+        return "matmul"
+    from cmil_jax.ops import onednn
+
+    usable, why = onednn.available()
+    if not usable:
+        _log_once(f"conv_impl 'auto' uses 'matmul' on this CPU: {why}")
+        return "matmul"
+    return "onednn"
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(message: str):
+    logging.warning(message)
 
 
 # XLA:CPU's convolution runs the 7x7 stem over 3 input channels at half its rate over 4: with
@@ -118,6 +143,10 @@ def conv2d(x, kernel, stride=1, dilation=1, pad=0, impl="xla"):
     if impl not in CONV_IMPLS[1:]:
         raise ValueError(f"conv impl must be one of {CONV_IMPLS[1:]}, got {impl!r}")
     c = x.shape[-1]
+    if impl == "onednn":
+        from cmil_jax.ops import onednn  # builds its custom calls on first use
+
+        return onednn.conv2d(x, kernel, stride, dilation, pad)
     if impl == "matmul" and (k > 1 or pad):
         if c < _STEM_CHANNELS:
             x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, _STEM_CHANNELS - c)))
@@ -231,16 +260,61 @@ def _conv(features, kernel, stride=1, dilation=1, *, name, dtype, param_dtype, i
     )
 
 
-def _bn(train, *, name, dtype, param_dtype, zero_scale=False):
-    return nn.BatchNorm(
+class OneDNNBatchNorm(nn.Module):
+    """flax.linen.BatchNorm's computation and variables (params scale, bias; batch_stats mean,
+    var), optionally followed by a ReLU, with the training-mode normalisation and its gradient
+    computed by oneDNN (cmil_jax.ops.onednn, CPU, float32) in one call each way."""
+
+    use_running_average: bool
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    relu: bool = False
+    scale_init: Any = nn.initializers.ones
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        from cmil_jax.ops import onednn
+
+        c = x.shape[-1]
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), (c,))
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), (c,))
+        scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        if self.use_running_average:
+            mul = scale * lax.rsqrt(ra_var.value + self.epsilon)
+            y = (x - ra_mean.value) * mul + bias
+            return nn.relu(y) if self.relu else y
+        y, mean, var = onednn.batch_norm_train(x, scale, bias, self.epsilon, self.relu)
+        if not self.is_initializing():
+            m = self.momentum
+            ra_mean.value = m * ra_mean.value + (1 - m) * mean
+            ra_var.value = m * ra_var.value + (1 - m) * var
+        return y
+
+
+def _bn(train, *, name, dtype, param_dtype, zero_scale=False, relu=False, impl="xla"):
+    """BatchNorm (momentum 0.9, eps 1e-5), then a ReLU when ``relu``; with impl 'onednn' both
+    in one oneDNN call (same variables)."""
+    scale_init = nn.initializers.zeros if zero_scale else nn.initializers.ones
+    if impl == "onednn":
+        return OneDNNBatchNorm(
+            use_running_average=not train,
+            relu=relu,
+            scale_init=scale_init,
+            param_dtype=param_dtype,
+            name=name,
+        )
+    bn = nn.BatchNorm(
         use_running_average=not train,
         momentum=0.9,
         epsilon=1e-5,
-        scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones,
+        scale_init=scale_init,
         dtype=dtype,
         param_dtype=param_dtype,
         name=name,
     )
+    return (lambda x: nn.relu(bn(x))) if relu else bn
 
 
 class BasicBlock(nn.Module):
@@ -261,12 +335,12 @@ class BasicBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         ckw = {"impl": self.conv_impl, **kw}
         y = _conv(self.features, 3, self.stride, self.dilation, name="conv1", **ckw)(x)
-        y = nn.relu(_bn(train, name="bn1", **kw)(y))
+        y = _bn(train, name="bn1", relu=True, **ckw)(y)
         y = _conv(self.features, 3, 1, self.dilation, name="conv2", **ckw)(y)
-        y = _bn(train, name="bn2", zero_scale=self.zero_init_last_bn, **kw)(y)
+        y = _bn(train, name="bn2", zero_scale=self.zero_init_last_bn, **ckw)(y)
         if self.stride != 1 or x.shape[-1] != self.features:
             x = _conv(self.features, 1, self.stride, name="downsample_conv", **ckw)(x)
-            x = _bn(train, name="downsample_bn", **kw)(x)
+            x = _bn(train, name="downsample_bn", **ckw)(x)
         return nn.relu(x + y)
 
 
@@ -289,14 +363,14 @@ class Bottleneck(nn.Module):
         ckw = {"impl": self.conv_impl, **kw}
         out = self.features * self.expansion
         y = _conv(self.features, 1, name="conv1", **ckw)(x)
-        y = nn.relu(_bn(train, name="bn1", **kw)(y))
+        y = _bn(train, name="bn1", relu=True, **ckw)(y)
         y = _conv(self.features, 3, self.stride, self.dilation, name="conv2", **ckw)(y)
-        y = nn.relu(_bn(train, name="bn2", **kw)(y))
+        y = _bn(train, name="bn2", relu=True, **ckw)(y)
         y = _conv(out, 1, name="conv3", **ckw)(y)
-        y = _bn(train, name="bn3", zero_scale=self.zero_init_last_bn, **kw)(y)
+        y = _bn(train, name="bn3", zero_scale=self.zero_init_last_bn, **ckw)(y)
         if self.stride != 1 or x.shape[-1] != out:
             x = _conv(out, 1, self.stride, name="downsample_conv", **ckw)(x)
-            x = _bn(train, name="downsample_bn", **kw)(x)
+            x = _bn(train, name="downsample_bn", **ckw)(x)
         return nn.relu(x + y)
 
 
@@ -309,8 +383,8 @@ class ResNet(nn.Module):
       width: base width (64 in torchvision); stage widths are width * (1, 2, 4, 8).
       dilate_last: replace the stride of layer4 by dilation 2 (output stride 16 instead of 32).
       zero_init_last_bn: init the last BN scale of each block to 0 (torchvision default: False).
-      conv_impl: how the convolutions are computed, 'auto' | 'xla' | 'matmul' | 'im2col'
-        (CONV_IMPLS; 'auto' = 'matmul' on CPU, 'xla' elsewhere); the variables are the same.
+      conv_impl: how the convolutions (and with 'onednn' the BatchNorms) are computed, 'auto' |
+        'xla' | 'matmul' | 'im2col' | 'onednn' (CONV_IMPLS); the variables are the same.
     """
 
     stage_sizes: Sequence[int]
@@ -325,10 +399,10 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        impl = resolve_conv_impl(self.conv_impl)
+        impl = resolve_conv_impl(self.conv_impl, self.dtype)
         x = jnp.asarray(x, self.dtype)
         x = _conv(self.width, 7, 2, name="conv1", impl=impl, **kw)(x)
-        x = nn.relu(_bn(train, name="bn1", **kw)(x))
+        x = _bn(train, name="bn1", relu=True, impl=impl, **kw)(x)
         if impl == "xla":
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         else:
