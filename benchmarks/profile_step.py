@@ -197,6 +197,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
+    from cmil_jax import host_memory
+
+    host_memory.apply("auto")  # as cmil_jax.main and benchmarks.throughput do
     import jax
 
     train, _ = throughput.import_train()

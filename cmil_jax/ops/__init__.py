@@ -1,0 +1,1 @@
+"""Custom CPU kernels for XLA: oneDNN convolutions and BatchNorm (onednn.py)."""
