@@ -41,7 +41,8 @@ def base_config() -> ml_collections.ConfigDict:
     # choice: YNNPACK in jaxlib 0.10) or 'eigen' (XLA's Eigen convolutions; YNNPACK keeps the
     # matrix products). YNNPACK runs a convolution with 64 or fewer output channels on one
     # thread, so 'eigen' trains the width-32 demo nets about 10% faster at 72 px and ResNet-50
-    # (width 64) about 25% slower (benchmarks/RESULTS.md). Ignored on GPU and TPU.
+    # (width 64) about 25% slower (benchmarks/RESULTS.md). Ignored on GPU and TPU, and moot
+    # for the convolutions under conv_impl 'onednn' (they are oneDNN calls, not XLA's).
     c.model.cpu_conv_library = "default"
     c.model.init_from = ""  # directory of converted backbone weights (optional)
 
