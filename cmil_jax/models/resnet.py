@@ -61,7 +61,7 @@ _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 #            slower than 'matmul' on XLA:CPU (benchmarks/RESULTS.md), kept for measurements;
 #   'onednn' every conv, and each BatchNorm with the ReLU after it, through oneDNN (the
 #            library PyTorch uses on CPU) as XLA custom calls (cmil_jax.ops.onednn; CPU,
-#            float32; needs the `onednn` extra and a C++ compiler): about 1.4x the train-step
+#            float32; needs the `onednn` extra and a C++ compiler): about 1.2x the train-step
 #            rate of 'matmul' on ResNet-50 (benchmarks/RESULTS.md);
 #   'auto'   'onednn' on CPU where it can be used (float32, one device), else 'matmul' on
 #            CPU, 'xla' on GPU and TPU.

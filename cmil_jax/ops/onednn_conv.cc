@@ -3,7 +3,7 @@
 // Layouts are those of cmil_jax's ResNets: activations NHWC (B, H, W, C), conv kernels HWIO
 // (kh, kw, in, out), float32. Activations are read and written in place (oneDNN's NHWC
 // kernels); conv kernels are reordered to and from the layout oneDNN prefers. Primitives are
-// built once per shape and kept in a process-wide cache.
+// built once per shape and kept in a process-wide cache; calls run one at a time.
 //
 // Convolutions (no bias), one call per pass:
 //   cmil_onednn_conv_fwd          (x, w)  -> y
@@ -44,6 +44,12 @@ dnnl::stream& Stream() {
 }
 
 std::mutex cache_mutex;
+
+// One oneDNN call at a time. XLA may run two custom calls on two of its threads at once; each
+// would start its own OpenMP team over the same cores, and oneDNN (built without concurrent
+// execution) shares its scratchpad between primitives: two calls at once hung a training run
+// inside two OpenMP regions. Each call already uses every core.
+std::mutex execute_mutex;
 
 // Looks `key` up in `cache`, building the entry with `build()` the first time.
 template <typename Key, typename Entry, typename Build>
@@ -139,6 +145,7 @@ ffi::Error RunConv(int pass, const Geometry& g, void* src, void* wei, void* dst)
   static std::map<ConvKey, std::shared_ptr<ConvEntry>> cache;
   try {
     auto e = Cached(cache, g.key(pass), [&] { return BuildConv(pass, g); });
+    std::lock_guard<std::mutex> lock(execute_mutex);
     auto& s = Stream();
     memory src_m(g.src(), Engine(), src), dst_m(g.dst(), Engine(), dst);
     memory hwio_m(g.wei(tag::hwio), Engine(), wei);
@@ -257,6 +264,7 @@ ffi::Error BnForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
         {DNNL_ARG_MEAN, memory(sh.channel(), eng, mean->untyped_data())},
         {DNNL_ARG_VARIANCE, memory(sh.channel(), eng, var->untyped_data())}};
     if (relu) args.insert({DNNL_ARG_WORKSPACE, memory(e->workspace_md, eng, ws->untyped_data())});
+    std::lock_guard<std::mutex> lock(execute_mutex);
     e->bn.execute(Stream(), args);
     Stream().wait();
   } catch (const dnnl::error& err) {
@@ -285,6 +293,7 @@ ffi::Error BnBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::Bu
         {DNNL_ARG_DIFF_SCALE, memory(sh.channel(), eng, dscale->untyped_data())},
         {DNNL_ARG_DIFF_SHIFT, memory(sh.channel(), eng, dshift->untyped_data())}};
     if (relu) args.insert({DNNL_ARG_WORKSPACE, memory(e->workspace_md, eng, ws.untyped_data())});
+    std::lock_guard<std::mutex> lock(execute_mutex);
     e->bn.execute(Stream(), args);
     Stream().wait();
   } catch (const dnnl::error& err) {
