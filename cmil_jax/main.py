@@ -36,14 +36,15 @@ _CPU_ONEDNN = flags.DEFINE_bool(
     "On CPU, add --xla_cpu_experimental_onednn_custom_call=true to XLA_FLAGS. With jaxlib 0.10.2 "
     "it changes nothing: XLA:CPU gives convolutions and matmuls to YNNPACK and compiles the "
     "same program with or without it (train-step CPU time within noise, benchmarks/RESULTS.md); "
-    "older jaxlib versions, whose default was Eigen, may gain from it. No effect on GPU.",
+    "older jaxlib versions, whose default was Eigen, may gain from it. No effect on GPU. "
+    "(cmil_jax's own oneDNN convolutions are --config.model.conv_impl=onednn, the CPU default.)",
 )
 _HOST_MALLOC = flags.DEFINE_enum(
     "host_malloc",
     "auto",
     ["auto", "keep", "default"],
     "Host memory: 'keep' reuses freed memory instead of mapping fresh pages for every XLA:CPU "
-    "step (cmil_jax.host_memory; about 20% more CPU train-step throughput, "
+    "step (cmil_jax.host_memory; 20-35% more CPU train-step throughput, "
     "benchmarks/RESULTS.md); 'default' leaves glibc's settings; 'auto' = 'keep' where JAX "
     "runs on the CPU (JAX_PLATFORMS=cpu or no GPU plugin installed).",
 )
