@@ -111,6 +111,18 @@ def ms_per_step(runner, steps: int) -> float:
     return runner.window(steps) / steps * 1e3
 
 
+def _section(what, wall, wall_untraced, times, args) -> dict:
+    """One framework's profile: wall ms per step traced and untraced, kernel times per step."""
+    per_step, lines = summarize(times, args.steps, args.top)
+    return {
+        "what": what,
+        "wall_ms_per_step_traced": wall,
+        "wall_ms_per_step": wall_untraced,
+        "kernel_ms_per_step": per_step,
+        "lines": lines,
+    }
+
+
 def profile_jax(args, cfg, train, batch_np, work_dir: str) -> dict:
     import jax
 
@@ -123,13 +135,8 @@ def profile_jax(args, cfg, train, batch_np, work_dir: str) -> dict:
     jax.profiler.stop_trace()
     wall_untraced = ms_per_step(r, args.steps)  # the profiler's overhead
     times, what = jax_kernel_times(trace_dir)
-    per_step, lines = summarize(times, args.steps, args.top)
     return {
-        "what": what,
-        "wall_ms_per_step_traced": wall,
-        "wall_ms_per_step": wall_untraced,
-        "kernel_ms_per_step": per_step,
-        "lines": lines,
+        **_section(what, wall, wall_untraced, times, args),
         "trace_dir": trace_dir,
         "host_vars": host_vars,
     }
@@ -158,14 +165,7 @@ def profile_torch(args, cfg, batch_np, flax_vars) -> dict:
             if ev.self_cpu_time_total > 0 and ev.key.startswith("aten::"):
                 times[ev.key] = [ev.self_cpu_time_total / 1e3 / max(ev.count, 1)] * ev.count
         what = "aten operators, self CPU time (all threads of one op counted once)"
-    per_step, lines = summarize(times, args.steps, args.top)
-    return {
-        "what": what,
-        "wall_ms_per_step_traced": wall,
-        "wall_ms_per_step": wall_untraced,
-        "kernel_ms_per_step": per_step,
-        "lines": lines,
-    }
+    return _section(what, wall, wall_untraced, times, args)
 
 
 def parse_args(argv=None):

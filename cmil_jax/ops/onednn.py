@@ -44,7 +44,11 @@ _TARGETS = (
 
 
 class OneDNNUnavailable(RuntimeError):
-    """The oneDNN convolutions cannot be built or loaded here; the message says why."""
+    """The oneDNN calls cannot be built or loaded here; the message says why."""
+
+
+def _f32(shape):
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
 def _prefixes():
@@ -123,7 +127,7 @@ def _load():
 
 
 def available() -> tuple[bool, str]:
-    """(True, '') when the oneDNN convolutions are usable, else (False, why)."""
+    """(True, '') when the oneDNN calls are usable, else (False, why)."""
     try:
         _load()
     except OneDNNUnavailable as err:
@@ -143,7 +147,7 @@ def _conv_forward(x, kernel, stride, dilation, pad):
     (plh, phh), (plw, phw) = pad
     oh = (h + plh + phh - dilation * (kh - 1) - 1) // stride + 1
     ow = (w + plw + phw - dilation * (kw - 1) - 1) // stride + 1
-    out = jax.ShapeDtypeStruct((b, oh, ow, kernel.shape[3]), jnp.float32)
+    out = _f32((b, oh, ow, kernel.shape[3]))
     return jax.ffi.ffi_call("cmil_onednn_conv_fwd", out)(x, kernel, **_conv_attrs(stride, dilation, pad))
 
 
@@ -159,12 +163,8 @@ def _conv_fwd(x, kernel, stride, dilation, pad):
 def _conv_bwd(stride, dilation, pad, residuals, g):
     x, kernel = residuals
     attrs = _conv_attrs(stride, dilation, pad)
-    dx = jax.ffi.ffi_call("cmil_onednn_conv_bwd_data", jax.ShapeDtypeStruct(x.shape, jnp.float32))(
-        g, kernel, **attrs
-    )
-    dk = jax.ffi.ffi_call(
-        "cmil_onednn_conv_bwd_weights", jax.ShapeDtypeStruct(kernel.shape, jnp.float32)
-    )(x, g, **attrs)
+    dx = jax.ffi.ffi_call("cmil_onednn_conv_bwd_data", _f32(x.shape))(g, kernel, **attrs)
+    dk = jax.ffi.ffi_call("cmil_onednn_conv_bwd_weights", _f32(kernel.shape))(x, g, **attrs)
     return dx, dk
 
 
@@ -198,9 +198,8 @@ def _workspace_bytes(b, h, w, c):
 def _bn_forward(x, scale, shift, eps, relu):
     b, h, w, c = x.shape
     ws = _workspace_bytes(b, h, w, c) if relu else 1
-    f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
     return jax.ffi.ffi_call(
-        "cmil_onednn_bn_fwd", (f32(x.shape), f32((c,)), f32((c,)), jax.ShapeDtypeStruct((ws,), jnp.uint8))
+        "cmil_onednn_bn_fwd", (_f32(x.shape), _f32((c,)), _f32((c,)), jax.ShapeDtypeStruct((ws,), jnp.uint8))
     )(x, scale, shift, eps=np.float32(eps), relu=bool(relu))
 
 
@@ -218,10 +217,9 @@ def _bn_fwd(x, scale, shift, eps, relu):
 def _bn_bwd(eps, relu, residuals, cotangents):
     x, mean, var, scale, ws = residuals
     dy = cotangents[0]  # mean and var leave through stop_gradient (batch_norm_train)
-    f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
     c = x.shape[-1]
     dx, dscale, dshift = jax.ffi.ffi_call(
-        "cmil_onednn_bn_bwd", (f32(x.shape), f32((c,)), f32((c,)))
+        "cmil_onednn_bn_bwd", (_f32(x.shape), _f32((c,)), _f32((c,)))
     )(x, dy, mean, var, scale, ws, eps=np.float32(eps), relu=bool(relu))
     return dx, dscale, dshift
 

@@ -21,6 +21,7 @@
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <unordered_map>
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -244,6 +245,13 @@ std::shared_ptr<BnEntry> GetBn(int pass, const BnShape& s) {
   });
 }
 
+// Runs one BatchNorm primitive under the execution lock.
+void ExecuteBn(const BnEntry& e, const std::unordered_map<int, memory>& args) {
+  std::lock_guard<std::mutex> lock(execute_mutex);
+  e.bn.execute(Stream(), args);
+  Stream().wait();
+}
+
 ffi::Error BnForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
                      ffi::Buffer<ffi::F32> shift, ffi::ResultBuffer<ffi::F32> y,
                      ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> var,
@@ -264,9 +272,7 @@ ffi::Error BnForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
         {DNNL_ARG_MEAN, memory(sh.channel(), eng, mean->untyped_data())},
         {DNNL_ARG_VARIANCE, memory(sh.channel(), eng, var->untyped_data())}};
     if (relu) args.insert({DNNL_ARG_WORKSPACE, memory(e->workspace_md, eng, ws->untyped_data())});
-    std::lock_guard<std::mutex> lock(execute_mutex);
-    e->bn.execute(Stream(), args);
-    Stream().wait();
+    ExecuteBn(*e, args);
   } catch (const dnnl::error& err) {
     return Failed(err);
   }
@@ -293,9 +299,7 @@ ffi::Error BnBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::Bu
         {DNNL_ARG_DIFF_SCALE, memory(sh.channel(), eng, dscale->untyped_data())},
         {DNNL_ARG_DIFF_SHIFT, memory(sh.channel(), eng, dshift->untyped_data())}};
     if (relu) args.insert({DNNL_ARG_WORKSPACE, memory(e->workspace_md, eng, ws.untyped_data())});
-    std::lock_guard<std::mutex> lock(execute_mutex);
-    e->bn.execute(Stream(), args);
-    Stream().wait();
+    ExecuteBn(*e, args);
   } catch (const dnnl::error& err) {
     return Failed(err);
   }
