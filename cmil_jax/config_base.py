@@ -31,20 +31,21 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.num_class_tokens = labels.NUM_CLASSES  # K = C (paper); 1 in binary mode
     c.model.num_classes = labels.NUM_CLASSES  # C
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
-    # How ResNet convolutions are computed (same variables and results for all): auto | xla |
-    # matmul | im2col | onednn. auto = onednn on CPU where it can be built (convolutions and
-    # BatchNorm + ReLU through oneDNN custom calls; needs the `onednn` extra), else matmul
-    # (1x1 convs as matrix products); xla on GPU/TPU (docs/backbones.md). CMIL raises on
-    # other values.
-    c.model.conv_impl = "auto"
-    # XLA:CPU's kernels for the convolutions (train.CPU_CONV_LIBRARIES): 'default' (XLA's own
-    # choice: YNNPACK in jaxlib 0.10) or 'eigen' (XLA's Eigen convolutions; YNNPACK keeps the
-    # matrix products). YNNPACK runs a convolution with 64 or fewer output channels on one
-    # thread, so 'eigen' trains the width-32 demo nets about 10% faster at 72 px and ResNet-50
-    # (width 64) about 25% slower (benchmarks/RESULTS.md). Ignored on GPU and TPU, and moot
-    # for the convolutions under conv_impl 'onednn' (they are oneDNN calls, not XLA's).
-    c.model.cpu_conv_library = "default"
-    c.model.init_from = ""  # directory of converted backbone weights (optional)
+
+    # How this machine computes the model, never what (cmil_jax/runtime/__init__.py): resolved
+    # once at start-up, logged, and recorded in config.json under "resolved_runtime".
+    c.runtime = ml_collections.ConfigDict()
+    # ResNet layers: auto | xla | matmul | onednn. auto = xla on GPU/TPU; on CPU onednn
+    # (oneDNN convolutions and BatchNorm + ReLU; the `onednn` extra) where it can be built and
+    # model.dtype is float32, else matmul. The same choice for any number of devices.
+    c.runtime.kernels = "auto"
+    # XLA:CPU's convolution kernels: default (XLA's choice) | eigen (its Eigen kernels, which run
+    # convolutions of 64 or fewer output channels on every core; YNNPACK runs them on one).
+    # Ignored off the CPU, and moot for the convolutions of the onednn kernels.
+    c.runtime.xla_cpu_conv = "default"
+    # Host memory: keep (reuse freed memory instead of mapping fresh pages every XLA:CPU step)
+    # | default (glibc's settings) | auto (keep where JAX runs on the CPU).
+    c.runtime.host_malloc = "auto"
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "seq_deepfake/facial_attributes"  # TFDS name/config
@@ -103,6 +104,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.use_rank = True  # False in binary mode
 
     c.train = ml_collections.ConfigDict()
+    c.train.init_from = ""  # directory of converted backbone weights (optional)
     c.train.batch_size = 64  # global batch of training examples (triples mode: triples)
     c.train.num_epochs = 200  # used when num_steps == 0
     c.train.num_steps = 0
@@ -154,15 +156,16 @@ def apply_triples_demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     A triple carries one sequence-labelled fake in three images and the demo's accuracy follows
     the labelled fakes it sees (docs/method.md), so the images are smaller (72 px: still a 3 x 3
     feature grid), the SBI image trains L_CLS only, and XLA:CPU computes the convolutions with
-    its Eigen kernels, which run the demo net's 32- and 64-channel convolutions on both cores.
+    its Eigen kernels where oneDNN is not available (runtime.xla_cpu_conv), which run the demo
+    net's 32- and 64-channel convolutions on both cores.
     """
     c.data.triples = True
     c.data.image_size = 72
     c.data.sbi_labels = "masked"
-    c.model.cpu_conv_library = "eigen"
+    c.runtime.xla_cpu_conv = "eigen"
     c.train.batch_size = 16  # triples: 48 images a step
-    # Seq-FaceComp needs the longer run (test Fixed-Acc 0.71 at 3,400 steps); attributes are
-    # learnt faster (0.87 at 3,400 steps), so their demo keeps a margin on the clock.
+    # Seq-FaceComp needs the longer run; attributes are learnt faster, so their demo keeps a
+    # margin on the clock (the demos' measured accuracies: docs/evaluation.md).
     c.train.num_steps = 3400 if c.data.subset == "facial_components" else 3000
     c.train.eval_every = c.train.num_steps // 2
     c.train.checkpoint_every = c.train.num_steps // 2
@@ -202,3 +205,97 @@ def apply_demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.data.augment.hue = 0.01
     c.data.augment.blur_p = 0.1
     return c
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field."""
+
+
+def per_process(global_batch: int, processes: int) -> int:
+    """This process's share of a global batch."""
+    if global_batch % processes:
+        raise ConfigError(f"batch size {global_batch} is not divisible by {processes} processes")
+    return global_batch // processes
+
+
+def joint_batch_size(cfg, processes: int) -> int:
+    """Per-process number of elements (images or triples) of each batch from data.joint_name."""
+    return round(per_process(cfg.train.batch_size, processes) * cfg.data.joint_fraction)
+
+
+def validate(cfg, devices: int, processes: int) -> None:
+    """Checks what lock_config cannot: values that fit the devices and processes of this run,
+    and the names of the runtime section. Raises ConfigError naming the field."""
+    from cmil_jax import runtime  # pylint: disable=import-outside-toplevel
+
+    runtime.check(cfg.runtime)
+    images = cfg.train.batch_size * (3 if cfg.data.triples else 1)
+    checks = [
+        ("train.batch_size", images % devices == 0,
+         f"the global batch ({images} images) must split evenly over the {devices} devices"),
+        ("train.batch_size", cfg.train.batch_size % processes == 0,
+         f"must be a multiple of the {processes} processes"),
+        ("eval.batch_size", cfg.eval.batch_size % devices == 0,
+         f"must be a multiple of the {devices} devices"),
+        ("train.log_every", cfg.train.log_every > 0, "must be positive"),
+        ("train.eval_every", cfg.train.eval_every > 0, "must be positive"),
+        ("train.checkpoint_every", cfg.train.checkpoint_every > 0, "must be positive"),
+        ("train.max_nonfinite_steps", cfg.train.max_nonfinite_steps >= 0, "must be >= 0"),
+        ("data.max_bad_records", cfg.data.max_bad_records >= 0, "must be >= 0"),
+    ]
+    if cfg.data.joint_name and cfg.train.batch_size % processes == 0:
+        share = cfg.train.batch_size // processes
+        checks.append((
+            "data.joint_fraction", 0 < joint_batch_size(cfg, processes) < share,
+            f"must leave both datasets at least one of the {share} elements of each "
+            "(per-process) batch",
+        ))
+    for field, ok, why in checks:
+        if not ok:
+            section, name = field.split(".")
+            raise ConfigError(f"config field {field}={cfg[section][name]}: {why}")
+    parse_steps(cfg.train.debug_nonfinite_steps)
+
+
+def parse_steps(spec: str) -> tuple[int, ...]:
+    """'3,7-9' -> (3, 7, 8, 9); '' -> (). Used by train.debug_nonfinite_steps."""
+    steps = []
+    try:
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            lo, _, hi = part.partition("-")
+            steps.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError as e:
+        raise ConfigError(
+            f"config field train.debug_nonfinite_steps={spec!r}: expected steps like '3,7-9'"
+        ) from e
+    return tuple(steps)
+
+
+# ----------------------------------------------------------------------------- recorded configs
+
+
+def load_recorded(path: str) -> ml_collections.ConfigDict:
+    """The config a run recorded in its config.json (train.write_config), without the runtime
+    choices it resolved to (they are re-resolved on the machine that loads it).
+
+    Runs recorded before the `runtime` section existed are read too: their model.conv_impl is
+    dropped (the layers are a runtime choice now), model.cpu_conv_library becomes
+    runtime.xla_cpu_conv and model.init_from train.init_from.
+    """
+    import json  # pylint: disable=import-outside-toplevel
+
+    with open(path) as f:
+        recorded = json.load(f)
+    recorded.pop("resolved_runtime", None)
+    model = recorded.get("model", {})
+    if "runtime" not in recorded:
+        default = base_config().runtime.to_dict()
+        model.pop("conv_impl", None)
+        default["xla_cpu_conv"] = model.pop("cpu_conv_library", default["xla_cpu_conv"])
+        recorded["runtime"] = default
+    if "init_from" in model:
+        recorded.setdefault("train", {})["init_from"] = model.pop("init_from")
+    return ml_collections.ConfigDict(recorded)

@@ -1,4 +1,5 @@
-"""The evaluation suite: binary detection metrics, localization metrics and the results table.
+"""The evaluation suite: one pass of a model over a split (``evaluate``), binary detection
+metrics, localization metrics and the results table.
 
 Binary detection follows the metric set DeepfakeBench standardised: frame-level ROC AUC,
 EER, average precision and accuracy at 0.5, and video-level AUC / EER / AP where the score of
@@ -18,6 +19,7 @@ and test set) as a markdown table, printed and written to ``<workdir>/results.md
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -26,12 +28,13 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from cmil_jax import metrics as metrics_lib
-from cmil_jax.data import sources
+from cmil_jax import parallel
 from cmil_jax.localization import LocalizationMeter
 
 __all__ = [
     "LocalizationMeter",
     "binary_metrics",
+    "evaluate",
     "localization_metrics",
     "results_table",
     "test_records",
@@ -58,12 +61,75 @@ HIDDEN = ("f1_macro", "video_eer", "video_ap", "best_iou_threshold", "num_videos
 
 
 # ----------------------------------------------------------------------------------------------
+# One pass over a split
+
+
+def evaluate(eval_step, variables, dataset, batch_sharding, cfg, video_ids=None,
+             sequence: bool = True) -> dict:
+    """Runs `eval_step` (train.make_eval_step) over a finite dataset and returns the metrics of
+    method.md section 4.
+
+    Sequence metrics (multi-class heads, unless `sequence` is False: binary-only data), binary
+    detection metrics (frame level, and video level when `video_ids`, the (N,) video of each
+    record of the split, is given and eval.video_auc is on) and the localization of the MIL
+    similarity map against the records' manipulation masks.
+    """
+    collected = collections.defaultdict(list)
+    meter = LocalizationMeter()
+    iterator = iter(dataset)
+    for batch in iterator:
+        device_batch = parallel.to_global(
+            {k: batch[k] for k in ("image", "label", "is_fake", "valid", "mask", "index")},
+            batch_sharding,
+        )
+        predictions = eval_step(variables, device_batch)
+        # Everything but the images back on every host (gathered over processes).
+        out = parallel.to_host(
+            {**predictions, **{k: v for k, v in device_batch.items() if k != "image"}}
+        )
+        valid = out["valid"] > 0
+        for key in ("probs", "fake_prob", "label", "is_fake", "index"):
+            collected[key].append(np.asarray(out[key])[valid])
+        meter.add_similarity(out["similarity_map"], out["mask"], out["valid"])
+    iterator.close()
+    probs = np.concatenate(collected["probs"])
+    fake_prob = np.concatenate(collected["fake_prob"])
+    label = np.concatenate(collected["label"])
+    is_fake = np.concatenate(collected["is_fake"])
+    result = {"num_images": len(label)}
+    if cfg.model.num_classes > 1 and sequence:
+        result.update(
+            metrics_lib.sequence_metrics(
+                probs,
+                label,
+                threshold=cfg.eval.threshold,
+                order=cfg.loss.rank_order,
+                fake_prob=fake_prob,
+                gate=cfg.eval.gate_by_fake_prob,
+            )
+        )
+    class_score = probs.max(axis=1) if cfg.model.num_classes > 1 else probs[:, 0]
+    if 0 < is_fake.sum() < len(is_fake):
+        frame_videos = None
+        if video_ids is not None and cfg.eval.video_auc:
+            frame_videos = np.asarray(video_ids)[np.concatenate(collected["index"])]
+        result.update(binary_metrics(class_score, is_fake, video_ids=frame_videos))
+        result["mil_auc"] = metrics_lib.binary_auc(fake_prob, is_fake)
+    localization = meter.result()
+    if localization["num_localized"] > 0:
+        result.update(localization)
+    return {k: float(v) for k, v in result.items()}
+
+
+# ----------------------------------------------------------------------------------------------
 # Binary detection
 
 
 def video_ids(source) -> np.ndarray | None:
     """(N,) video id of each record of a split (``sources.video_ids``), or None when no two
     records share a video (single images, e.g. Seq-DeepFake: no video-level metrics)."""
+    from cmil_jax.data import sources  # pylint: disable=import-outside-toplevel
+
     ids = sources.video_ids(source)
     if len(ids) == 0 or len(np.unique(ids.astype(str))) == len(ids):
         return None

@@ -8,6 +8,7 @@ SkipBadRecords     wraps a training source: a record that cannot be read or is m
                    replaced by the next good one, logged to <workdir>/bad_records*.jsonl, counted.
 check_example      validates one decoded record (shapes, dtypes, label values).
 check_workdir      fails early, with the path and the reason, when the workdir is not writable.
+DataError          what the data readers raise for a record they cannot use.
 """
 
 from __future__ import annotations
@@ -21,11 +22,15 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from cmil_jax.data.sources import DataError
+from cmil_jax.data.landmarks68 import NUM_LANDMARKS
 from cmil_jax.labels import MAX_LEN, NUM_CLASSES
 
-NUM_LANDMARKS = 68
 MIN_IMAGE_SIDE = 8
+
+
+class DataError(ValueError):
+    """A record that cannot be read or decoded, or bad input data; the message names the
+    dataset, split and index (or the file)."""
 
 
 # --------------------------------------------------------------------------------------------

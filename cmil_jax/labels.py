@@ -4,6 +4,8 @@ A sequence label is an int array of length ``MAX_LEN`` (5) listing the manipulat
 (1..5) in the order they were applied, padded with 0. The original image is all zeros.
 """
 
+import numpy as np
+
 MAX_LEN = 5
 NUM_CLASSES = 5
 
@@ -14,3 +16,13 @@ CLASS_NAMES = {
 }
 
 SUBSETS = tuple(CLASS_NAMES)
+
+ORIGINAL = "original"  # name of the all-zero sequence
+
+
+def sequence_name(label, subset: str) -> str:
+    """Class names of an int (5,) label in edit order, 'nose-eye-lip'; 'original' if all zero."""
+    if subset not in CLASS_NAMES:
+        raise ValueError(f"unknown subset {subset!r}; valid subsets: {', '.join(SUBSETS)}")
+    seq = [int(k) for k in np.asarray(label).reshape(-1) if k]
+    return "-".join(CLASS_NAMES[subset][k - 1] for k in seq) if seq else ORIGINAL

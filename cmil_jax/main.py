@@ -3,7 +3,9 @@
 --mode train   trains (resuming when the workdir holds a checkpoint), then tests the best
                               checkpoint of each selection metric.
 --mode eval    tests the best checkpoints of an earlier run on the test split.
-Every config field can be overridden: --config.train.num_steps=100.
+Every config field can be overridden: --config.train.num_steps=100. How this machine computes
+the model (the `runtime` section: ResNet kernels, XLA:CPU options, host memory reuse) is
+resolved once at start-up, logged and recorded in <workdir>/config.json.
 
 Several processes (docs/distributed.md): each runs this same command. `jax.distributed` is
 initialised when --num_processes (or JAX_NUM_PROCESSES) is above 1, with --coordinator_address
@@ -30,24 +32,6 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to do.")
-_CPU_ONEDNN = flags.DEFINE_bool(
-    "cpu_onednn",
-    False,
-    "On CPU, add --xla_cpu_experimental_onednn_custom_call=true to XLA_FLAGS. With jaxlib 0.10.2 "
-    "it changes nothing: XLA:CPU gives convolutions and matmuls to YNNPACK and compiles the "
-    "same program with or without it (train-step CPU time within noise, benchmarks/RESULTS.md); "
-    "older jaxlib versions, whose default was Eigen, may gain from it. No effect on GPU. "
-    "(cmil_jax's own oneDNN convolutions are --config.model.conv_impl=onednn, the CPU default.)",
-)
-_HOST_MALLOC = flags.DEFINE_enum(
-    "host_malloc",
-    "auto",
-    ["auto", "keep", "default"],
-    "Host memory: 'keep' reuses freed memory instead of mapping fresh pages for every XLA:CPU "
-    "step (cmil_jax.host_memory; 20-35% more CPU train-step throughput, "
-    "benchmarks/RESULTS.md); 'default' leaves glibc's settings; 'auto' = 'keep' where JAX "
-    "runs on the CPU (JAX_PLATFORMS=cpu or no GPU plugin installed).",
-)
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 (default: $JAX_COORDINATOR_ADDRESS)."
 )
@@ -58,22 +42,6 @@ _PROCESS_ID = flags.DEFINE_integer(
     "process_id", None, "This process's index, 0..num_processes-1 (default: $JAX_PROCESS_ID)."
 )
 flags.mark_flags_as_required(["config", "workdir"])
-
-ONEDNN_FLAG = "--xla_cpu_experimental_onednn_custom_call=true"
-
-
-def _set_xla_flags():
-    """Adds the oneDNN flag to XLA_FLAGS; must run before JAX starts its CPU backend."""
-    current = os.environ.get("XLA_FLAGS", "")
-    if _CPU_ONEDNN.value and "onednn" not in current:
-        os.environ["XLA_FLAGS"] = f"{current} {ONEDNN_FLAG}".strip()
-
-
-def _set_host_malloc():
-    """Applies --host_malloc; must run before JAX starts its CPU backend."""
-    from cmil_jax import host_memory  # pylint: disable=import-outside-toplevel
-
-    host_memory.apply(_HOST_MALLOC.value)
 
 
 def _flag_or_env(flag, env: str, cast=str):
@@ -107,20 +75,26 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # orbax and grain log every step at INFO
     cfg = _CONFIG.value
     workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
-    _set_xla_flags()
-    _set_host_malloc()
+    # pylint: disable=import-outside-toplevel
+    from cmil_jax import config_base
+    from cmil_jax import runtime
+
+    try:
+        runtime.check(cfg.runtime)
+    except config_base.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    runtime.apply_host_memory(cfg)  # before JAX starts its CPU backend
     _maybe_initialize_distributed()
-    # pylint: disable=import-outside-toplevel  (JAX must not start before the lines above)
     from cmil_jax import faults
     from cmil_jax import train
-    from cmil_jax.data import sources
 
     try:
         if _MODE.value == "train":
             train.train_and_evaluate(cfg, workdir)
         else:
             train.evaluate_best(cfg, workdir)
-    except (FileNotFoundError, faults.WorkdirError, sources.DataError, train.ConfigError) as e:
+    except (FileNotFoundError, faults.WorkdirError, faults.DataError, config_base.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except faults.NonFiniteError as e:

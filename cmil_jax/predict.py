@@ -31,13 +31,14 @@ from collections.abc import Callable, Sequence
 import cv2
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from cmil_jax import checkpoint
+from cmil_jax import config_base
 from cmil_jax import labels as labels_lib
 from cmil_jax import localization
 from cmil_jax import metrics as metrics_lib
+from cmil_jax import parallel
 from cmil_jax import train
 from cmil_jax import viz
 from data_prep import faces as face_crops
@@ -158,25 +159,18 @@ def load_config(workdir: str):
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: is {workdir} the --workdir of a training run?")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return config_base.load_recorded(path)
 
 
 def load_model(workdir: str, metric: str | None = None):
-    """(cfg, model, variables, checkpoint info) from a run directory's best checkpoint."""
+    """(cfg, model, variables, checkpoint info) from a run directory's best checkpoint, on the
+    first device."""
     cfg = load_config(workdir)
     metric = metric or next(m.strip() for m in cfg.eval.select_metrics.split(",") if m.strip())
-    model = train.build_model(cfg.model)
-    size = cfg.data.image_size
-    abstract = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.uint8),
-                           train=False))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                            {k: abstract[k] for k in ("params", "batch_stats") if k in abstract})
-    step, variables = checkpoint.restore_best(workdir, metric, abstract)
+    run = train.setup(cfg, mesh=parallel.make_mesh(jax.devices()[:1]))
+    step, variables = checkpoint.restore_best(workdir, metric, run.abstract_variables)
     info = {"workdir": os.path.abspath(workdir), "metric": metric, "step": int(step)}
-    return cfg, model, variables, info
+    return cfg, run.model, variables, info
 
 
 # ----------------------------------------------------------------------------------------------

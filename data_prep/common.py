@@ -192,8 +192,7 @@ def existing_version_dir(data_dir: str, name: str) -> str | None:
     """The complete version directory of dataset ``name`` ('<builder>/<config>'), or None."""
     from cmil_jax.data import sources  # pylint: disable=import-outside-toplevel
 
-    return sources._find_version_dir(  # pylint: disable=protected-access
-        os.path.join(os.fspath(data_dir), name))
+    return sources.find_version_dir(os.path.join(os.fspath(data_dir), name))
 
 
 def run_build(builder, log: SkipLog, report_dir: str, extra_report=None) -> str:

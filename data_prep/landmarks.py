@@ -24,16 +24,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
 
-NUM_LANDMARKS = 68
-LEFT_EYE = slice(36, 42)  # image-left eye (the subject's right) in the iBUG layout
-RIGHT_EYE = slice(42, 48)
-NOSE_TIP = 30
-MOUTH_LEFT, MOUTH_RIGHT = 48, 54
+from cmil_jax.data.landmarks68 import (
+    LEFT_EYE,
+    MOUTH_LEFT,
+    MOUTH_RIGHT,
+    NOSE_TIP,
+    NUM_LANDMARKS,
+    RIGHT_EYE,
+)
 
 # Mean shape, iBUG 68-point order; origin at the midpoint of the eye centres, x to the image
 # right, y down, unit = distance between the eye centres. [ours] (see module docstring)
@@ -158,9 +161,6 @@ class Face:
     def area(self) -> float:
         x0, y0, x1, y1 = self.box
         return max(0.0, x1 - x0) * max(0.0, y1 - y0)
-
-
-Detector = Callable[[np.ndarray], list]
 
 
 class NoDetectorError(RuntimeError):

@@ -38,15 +38,13 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from cmil_jax.data import sources
-from cmil_jax.labels import CLASS_NAMES, MAX_LEN, NUM_CLASSES, SUBSETS
+from cmil_jax.labels import CLASS_NAMES, MAX_LEN, NUM_CLASSES, ORIGINAL, SUBSETS, sequence_name
 from data_prep import common, faces
 from data_prep import landmarks as lm_lib
 
 BUILDER_NAME = "seq_deepfake"
-SPLITS = ("train", "val", "test")
 PUBLISHED_TOTALS = {"facial_components": 35_166, "facial_attributes": 49_920}
 PUBLISHED_TYPES = {"facial_components": 28, "facial_attributes": 26}
-ORIGINAL = "original"
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,12 +106,6 @@ def parse_sequence_name(name: str, subset: str) -> tuple[int, ...]:
     if not seq or len(seq) > MAX_LEN or len(set(seq)) != len(seq):
         raise ValueError(f"{name!r} is not a valid sequence name")
     return tuple(seq)
-
-
-def sequence_name(label, subset: str) -> str:
-    """'original' or the class names joined by '-', in edit order."""
-    seq = [int(k) for k in np.asarray(label).reshape(-1) if k]
-    return "-".join(CLASS_NAMES[subset][k - 1] for k in seq) if seq else ORIGINAL
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,7 +185,7 @@ def scan_subset(raw_dir: str, subset: str, log: common.SkipLog,
     """Items per split after the checks that need no decoding; skips go to ``log``."""
     raw_dir = os.path.abspath(raw_dir)
     plan = {}
-    for split in SPLITS:
+    for split in sources.SPLITS:
         csv_path = os.path.join(raw_dir, subset, "annotations", f"{split}.csv")
         rows = _read_csv(csv_path)
         csv_rel = os.path.relpath(csv_path, raw_dir)
@@ -272,7 +264,7 @@ class SeqDeepfake(sources.FaceRecordBuilder, skip_registration=True):
 
     def _split_generators(self, dl_manager):
         del dl_manager
-        return {split: self._generate_examples(split) for split in SPLITS
+        return {split: self._generate_examples(split) for split in sources.SPLITS
                 if self._plan.get(split)}
 
     def _generate_examples(self, split):
@@ -302,7 +294,7 @@ class SeqDeepfake(sources.FaceRecordBuilder, skip_registration=True):
 
 def count_table(subset: str, counts: dict[str, collections.Counter]) -> str:
     """Images per sequence type and split, with the total compared to the published one."""
-    splits = [s for s in SPLITS if s in counts]
+    splits = [s for s in sources.SPLITS if s in counts]
     names = sorted({n for c in counts.values() for n in c},
                    key=lambda n: (n != ORIGINAL, n.count("-"), n))
     width = max([len(n) for n in names] + [20])
@@ -363,7 +355,7 @@ def build(raw_dir: str, data_dir: str, subset: str, *, image_size: int = 256,
     report_dir = common.dataset_dir(data_dir, BUILDER_NAME, subset)
     try:
         plan = scan_subset(raw_dir, subset, log, check_sequence_names)
-        for split in SPLITS:
+        for split in sources.SPLITS:
             log.check(split)
     except common.BuildError:
         log.write(report_dir, {"ok": False, "stage": "scan"})

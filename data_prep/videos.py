@@ -49,7 +49,6 @@ VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 FFPP_METHODS = ("Deepfakes", "Face2Face", "FaceSwap", "NeuralTextures")
 FFPP_ALL_METHODS = FFPP_METHODS + ("FaceShifter",)
 COMPRESSIONS = ("raw", "c23", "c40")
-SPLITS = ("train", "val", "test")
 
 
 @dataclasses.dataclass
@@ -153,8 +152,8 @@ def list_ffpp(raw_dir: str, log: common.SkipLog, compression: str = "c23",
     real_dir = _ffpp_video_dir(raw_dir, "original_sequences", "youtube", compression)
     fake_dirs = {m: _ffpp_video_dir(raw_dir, "manipulated_sequences", m, compression)
                  for m in methods}
-    videos = {s: [] for s in SPLITS}
-    for split in SPLITS:
+    videos = {s: [] for s in sources.SPLITS}
+    for split in sources.SPLITS:
         path = os.path.join(sdir, f"{split}.json")
         if not os.path.isfile(path):
             raise common.BuildError(f"FF++ split file not found: {path}")

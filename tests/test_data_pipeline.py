@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from cmil_jax.data import augment, pipeline, sbi, sources, synthetic
+from cmil_jax.data import augment, landmarks68, pipeline, sbi, sources, synthetic, synthetic_dataset
 
 SUBSET = "facial_components"
 SIZE = 64
@@ -25,7 +25,8 @@ def sbi_module():
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, synthetic_module):
     data_dir = tmp_path_factory.mktemp("tfds")
-    name = sources.build_synthetic(data_dir, SUBSET, SIZE, N_TRAIN, N_VAL, N_TEST, num_workers=1)
+    name = synthetic_dataset.build_synthetic(data_dir, SUBSET, SIZE, N_TRAIN, N_VAL, N_TEST,
+                                             num_workers=1)
     return str(data_dir), name
 
 
@@ -46,16 +47,17 @@ def _assert_batches_equal(a, b):
 
 def test_build_and_read_back(built, synthetic_module):
     data_dir, name = built
-    assert name == sources.synthetic_name(SUBSET, SIZE, N_TRAIN, N_VAL, N_TEST)
+    assert name == synthetic_dataset.synthetic_name(SUBSET, SIZE, N_TRAIN, N_VAL, N_TEST)
     # A second call finds the complete dataset and does nothing.
-    assert sources.build_synthetic(data_dir, SUBSET, SIZE, N_TRAIN, N_VAL, N_TEST) == name
+    assert synthetic_dataset.build_synthetic(data_dir, SUBSET, SIZE, N_TRAIN, N_VAL,
+                                             N_TEST) == name
     for split, n in (("train", N_TRAIN), ("val", N_VAL), ("test", N_TEST)):
         src = sources.open_split(data_dir, name, split)
         assert len(src) == n
         for i in (0, n - 1):
             ex = src[i]
             ref = synthetic_module.generate_example(
-                SUBSET, sources.SPLIT_OFFSETS[split] + i, seed=0, image_size=SIZE)
+                SUBSET, synthetic_dataset.SPLIT_OFFSETS[split] + i, seed=0, image_size=SIZE)
             assert ex["image"].dtype == np.uint8 and ex["image"].shape == (SIZE, SIZE, 3)
             assert ex["mask"].dtype == np.uint8 and ex["mask"].shape == (SIZE, SIZE)
             assert ex["label"].dtype == np.int32 and ex["label"].shape == (5,)
@@ -77,7 +79,8 @@ def test_missing_dataset_names_path_and_command(tmp_path):
     assert str(tmp_path / "seq_deepfake" / "facial_components") in msg
     assert "python -m data_prep.seq_deepfake --raw-dir RAW --data-dir" in msg
     with pytest.raises(FileNotFoundError, match="built automatically"):
-        sources.open_split(tmp_path, sources.synthetic_name(SUBSET, 64, 1, 1, 1), "val")
+        sources.open_split(tmp_path, synthetic_dataset.synthetic_name(SUBSET, 64, 1, 1, 1),
+                           "val")
 
 
 def test_unknown_split_and_corrupt_record(built):
@@ -92,17 +95,6 @@ def test_unknown_split_and_corrupt_record(built):
 
 
 # ---- augmentation ---------------------------------------------------------------------------
-
-
-def test_flip_permutation_is_a_mirror_involution():
-    p = augment.FLIP_PERMUTATION_68
-    assert (p[p] == np.arange(68)).all()
-    assert p[0] == 16 and p[36] == 45 and p[48] == 54 and p[30] == 30 and p[66] == 66
-
-
-def test_flip_permutation_agrees_with_sbi(sbi_module):
-    if hasattr(sbi_module, "FLIP_PERMUTATION_68"):
-        np.testing.assert_array_equal(sbi_module.FLIP_PERMUTATION_68, augment.FLIP_PERMUTATION_68)
 
 
 def test_augment_shapes_dtypes_and_flip():
@@ -123,7 +115,7 @@ def test_augment_shapes_dtypes_and_flip():
     img, m, l2 = augment.weak_augment(image, rng, flip_only, mask=mask, landmarks=lm)
     np.testing.assert_array_equal(img, image[:, ::-1])
     np.testing.assert_array_equal(m, mask[:, ::-1])
-    np.testing.assert_allclose(l2[augment.FLIP_PERMUTATION_68, 0], 79 - lm[:, 0])
+    np.testing.assert_allclose(l2[landmarks68.FLIP_PERMUTATION, 0], 79 - lm[:, 0])
     # Zero magnitudes are the identity; saturation and hue keep grey pixels grey.
     still = augment.AugmentConfig(brightness=0, contrast=0, saturation=0, hue=0)
     np.testing.assert_array_equal(augment.color_jitter(image, rng, still), image)
@@ -164,7 +156,8 @@ def test_train_batches_contract_and_determinism(built):
     assert sorted(map(tuple, seen)) == sorted(map(tuple, labels))
 
 
-def test_iterator_state_resumes_at_same_batch(built, tmp_path):
+def test_iterator_state_resumes_at_same_batch(built):
+    """The training loop's checkpoint scheme: JSON of get_state(), set_state on a fresh iterator."""
     data_dir, name = built
     src = sources.open_split(data_dir, name, "train")
 
@@ -173,24 +166,11 @@ def test_iterator_state_resumes_at_same_batch(built, tmp_path):
 
     it = make()
     _take(it, 5)  # crosses an epoch boundary (6 batches per epoch)
-    state = json.dumps(pipeline.iterator_state(it))
+    state = json.dumps(it.get_state())
     expected = _take(it, 3)
-    resumed = pipeline.restore_iterator(make(), state)
+    resumed = make()
+    resumed.set_state(json.loads(state))
     _assert_batches_equal(_take(resumed, 3), expected)
-
-    # The same through orbax, with grain's checkpoint handler.
-    import grain
-    import orbax.checkpoint as ocp
-
-    it = make()
-    _take(it, 2)
-    with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data",)) as mngr:
-        mngr.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
-        mngr.wait_until_finished()
-        expected = _take(it, 2)
-        restored = mngr.restore(2, args=ocp.args.Composite(
-            data=grain.checkpoint.CheckpointRestore(make())))
-    _assert_batches_equal(_take(restored["data"], 2), expected)
 
 
 def test_eval_pads_last_batch_with_valid_flag(built):
@@ -239,8 +219,8 @@ def test_two_workers_match_in_process(built):
     finally:
         it.close()
     _assert_batches_equal(got, ref)
-    it = pipeline.restore_iterator(iter(pipeline.make_train_dataset(src, num_workers=2, **kw)),
-                                   state)
+    it = iter(pipeline.make_train_dataset(src, num_workers=2, **kw))
+    it.set_state(state)
     try:
         _assert_batches_equal(_take(it, 1), _take(iter(pipeline.make_train_dataset(
             src, num_workers=0, **kw)), 5)[4:])

@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
+from cmil_jax import labels
 from cmil_jax.data import pipeline, sources, synthetic
 from data_prep import common, faces, seq_deepfake, videos
 from data_prep import landmarks as lm_lib
@@ -250,7 +251,7 @@ def _make_seq_subset(raw, subset, sizes, quirks: bool, image_size: int = 128, st
         for i in range(n):
             ex = synthetic.generate_example(subset, index, image_size=image_size)
             index += 1
-            seq_name = seq_deepfake.sequence_name(ex["label"], subset)
+            seq_name = labels.sequence_name(ex["label"], subset)
             ext = ".png" if quirks and i % 3 == 2 else ".jpg"
             image = ex["image"]
             if quirks and i == 1:

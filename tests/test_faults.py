@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cmil_jax import checkpoint, config_base, faults, train
+from cmil_jax import checkpoint, config_base, faults, reporting, train
 from cmil_jax.data import pipeline, sources
 from cmil_jax.data.sources import DataError
 
@@ -114,8 +114,8 @@ def _png(array):
 
 
 SMALL_PNG = _png(np.random.default_rng(0).integers(0, 256, (12, 10, 3), dtype=np.uint8))
-SMALL_JPEG = sources.encode_jpeg(np.random.default_rng(1).integers(0, 256, (9, 14, 3),
-                                                                   dtype=np.uint8))
+SMALL_JPEG = cv2.imencode(".jpg", np.random.default_rng(1).integers(0, 256, (9, 14, 3),
+                                                                    dtype=np.uint8))[1].tobytes()
 
 
 def _damaged(data: bytes):
@@ -214,20 +214,20 @@ def test_nonfinite_monitor_counts_streaks_across_windows():
 
 
 def test_train_window_means_skip_nonfinite_and_survive_json():
-    window = train.TrainWindow()
+    window = reporting.TrainWindow()
     for loss, bad in ((1.0, 0.0), (np.nan, 1.0), (2.0, 0.0)):
         window.append({"loss": jnp.float32(loss), "nonfinite": jnp.float32(bad)}, 8)
-    restored = train.TrainWindow(json.loads(json.dumps(window.to_json())))
+    restored = reporting.TrainWindow(json.loads(json.dumps(window.to_json())))
     means, flags = restored.summary()
     assert means.pop("images_per_sec") == 0.0  # images are not carried over
     assert means == {"loss": 1.5, "nonfinite": 1} and flags == [False, True, False]
     assert restored.steps == []
-    window = train.TrainWindow([{"loss": np.nan, "nonfinite": 1.0}])
+    window = reporting.TrainWindow([{"loss": np.nan, "nonfinite": 1.0}])
     assert np.isnan(window.summary()[0]["loss"])
 
 
 def test_metric_writer_drops_records_of_rerun_steps(tmp_path):
-    writer = train.MetricWriter(str(tmp_path))
+    writer = reporting.MetricWriter(str(tmp_path))
     for step in (5, 10, 15):
         writer.write(step, "train", {"loss": 1.0})
     assert writer.drop_after(10) == 1
@@ -264,17 +264,22 @@ def test_checkpoint_left_half_written_by_a_kill_is_ignored(tmp_path):
     assert not partial.exists()  # cleaned up by the new manager
 
 
-def test_validate_config_names_the_field(monkeypatch):
+def test_validate_config_names_the_field():
     cfg = config_base.seq_config("facial_attributes", "demo")
-    train.validate_config(cfg)
-    monkeypatch.setattr(jax, "device_count", lambda: 5)  # the demo: 16 triples, 48 images
-    with pytest.raises(train.ConfigError, match=r"train.batch_size=16: .*48 images.* 5 devices"):
-        train.validate_config(cfg)
-    monkeypatch.undo()
+    config_base.validate(cfg, devices=1, processes=1)
+    # the demo: 16 triples, 48 images
+    with pytest.raises(config_base.ConfigError,
+                       match=r"train.batch_size=16: .*48 images.* 5 devices"):
+        config_base.validate(cfg, devices=5, processes=1)
+    cfg.runtime.kernels = "im2col"
+    with pytest.raises(config_base.ConfigError, match="runtime.kernels='im2col'"):
+        config_base.validate(cfg, devices=1, processes=1)
+    cfg.runtime.kernels = "auto"
     cfg.train.debug_nonfinite_steps = "3,x"
-    with pytest.raises(train.ConfigError, match="train.debug_nonfinite_steps"):
-        train.validate_config(cfg)
-    assert train.parse_steps("3, 7-9") == (3, 7, 8, 9) and train.parse_steps("") == ()
+    with pytest.raises(config_base.ConfigError, match="train.debug_nonfinite_steps"):
+        config_base.validate(cfg, devices=1, processes=1)
+    assert config_base.parse_steps("3, 7-9") == (3, 7, 8, 9)
+    assert config_base.parse_steps("") == ()
 
 
 def test_unwritable_workdir_is_named(tmp_path):

@@ -1,4 +1,4 @@
-"""Host memory reuse for CPU steps (cmil_jax.host_memory)."""
+"""Host memory reuse for CPU steps (cmil_jax.runtime.host_memory)."""
 
 import subprocess
 import sys
@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from cmil_jax import host_memory
+from cmil_jax.runtime import host_memory
 
 
 def test_keep_freed_memory_reuses_pages():
@@ -16,7 +16,7 @@ def test_keep_freed_memory_reuses_pages():
     script = textwrap.dedent(
         """
         import ctypes, resource, sys, threading
-        from cmil_jax import host_memory
+        from cmil_jax.runtime import host_memory
         if sys.argv[1] == "keep":
             assert host_memory.keep_freed_memory()
         libc = ctypes.CDLL("libc.so.6")

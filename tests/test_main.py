@@ -51,7 +51,15 @@ def test_train_resume_and_eval(tmp_path):
     for name in ("config.json", "metrics.jsonl", "plots/curves.png"):
         assert os.path.exists(os.path.join(workdir, name)), name
     with open(os.path.join(workdir, "config.json")) as f:
-        assert json.load(f)["train"]["num_steps"] == 20
+        recorded = json.load(f)
+    assert recorded["train"]["num_steps"] == 20
+    # The runtime choice is resolved once and recorded beside the config ('auto' as given).
+    from cmil_jax import config_base, runtime
+
+    assert recorded["runtime"]["kernels"] == "auto"
+    assert recorded["resolved_runtime"]["kernels"] == runtime.resolve(
+        config_base.base_config(), log=False).layers.name
+    assert "runtime: cpu, 1 device(s), ResNet layers" in first.stdout + first.stderr
     records = _records(workdir)
     train_steps = [r["step"] for r in records if r["split"] == "train" and "loss" in r]
     assert train_steps == [5, 10, 15, 20]

@@ -1,7 +1,8 @@
-"""oneDNN custom calls (cmil_jax.ops.onednn).
+"""oneDNN custom calls (cmil_jax.runtime.onednn); skipped where they cannot be built (no
+`onednn` extra or no C++ compiler), except the report of what is missing.
 
-The convolutions are also checked against lax.conv_general_dilated in tests/test_models.py
-(test_conv_impls_equal_lax_conv, 'onednn'), whole ResNets in train and eval mode there too.
+The convolutions are also checked against lax.conv_general_dilated in tests/test_runtime.py,
+whole ResNets and CMIL models in train and eval mode there too.
 """
 
 import jax
@@ -9,7 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cmil_jax.ops import onednn
+from cmil_jax.runtime import onednn
+
+ONEDNN_OK, ONEDNN_WHY = onednn.available()
+needs_onednn = pytest.mark.skipif(not ONEDNN_OK, reason=f"oneDNN calls unavailable: {ONEDNN_WHY}")
 
 
 def _reference_bn(x, scale, shift, eps, relu):
@@ -19,6 +23,7 @@ def _reference_bn(x, scale, shift, eps, relu):
     return (jnp.maximum(y, 0) if relu else y), mean, var
 
 
+@needs_onednn
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("shape", [(4, 5, 6, 16), (2, 3, 3, 5), (1, 7, 7, 33)])
 def test_batch_norm_train_matches_formula(shape, relu):
@@ -46,6 +51,7 @@ def test_batch_norm_train_matches_formula(shape, relu):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.abs(w).max()))
 
 
+@needs_onednn
 def test_batch_norm_statistics_carry_no_gradient():
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 4, 3)), jnp.float32)
     ones, zeros = jnp.ones(3), jnp.zeros(3)
@@ -53,6 +59,7 @@ def test_batch_norm_statistics_carry_no_gradient():
     np.testing.assert_array_equal(grad, np.zeros_like(grad))
 
 
+@needs_onednn
 def test_float32_only():
     x = jnp.zeros((1, 4, 4, 2), jnp.bfloat16)
     with pytest.raises(TypeError, match="float32"):

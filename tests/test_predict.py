@@ -32,7 +32,7 @@ def workdir(tmp_path_factory):
     cfg.model.backbone_width = 8
     cfg.model.width = 48
     checkpoint.write_json(os.path.join(wd, "config.json"), cfg.to_dict())
-    model = train.build_model(cfg.model)
+    model = train.build_model(cfg)
     variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(
         jnp.zeros((1, SIZE, SIZE, 3), jnp.uint8))
     keeper = checkpoint.BestKeeper(wd, ["fixed_acc"])

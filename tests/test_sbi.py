@@ -1,5 +1,6 @@
 """Tests of cmil_jax.data.sbi: determinism, mask support, fake == real off the mask (with and
-without JPEG), the 68-point flip permutation, robustness to odd landmarks, input checks."""
+without JPEG), the 68-point flip permutation (landmarks68), robustness to odd landmarks, input
+checks."""
 
 import dataclasses
 import functools
@@ -10,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cmil_jax.data import sbi, synthetic
+from cmil_jax.data import landmarks68, sbi, synthetic
 
 NO_JPEG = sbi.SBIConfig(jpeg_p=0.0)
 
@@ -129,7 +130,7 @@ def test_jpeg_matches_whole_image_compression(quality):
 
 
 def test_flip_permutation_pairs():
-    perm = sbi.FLIP_PERMUTATION_68
+    perm = landmarks68.FLIP_PERMUTATION
     assert perm.shape == (68,) and sorted(perm.tolist()) == list(range(68))
     assert np.array_equal(perm[perm], np.arange(68))  # involution
     # fmt: off
@@ -156,7 +157,7 @@ def test_flip_permutation_restores_point_meaning():
         w = image.shape[1]
         mirrored = lm.copy()
         mirrored[:, 0] = w - 1 - mirrored[:, 0]
-        flipped = mirrored[sbi.FLIP_PERMUTATION_68]
+        flipped = mirrored[landmarks68.FLIP_PERMUTATION]
         x, y = flipped[:, 0], flipped[:, 1]
         # image-left eye 36-41: outer corner 36 left of inner corner 39, both left of 42 < 45
         assert x[36] < x[39] < x[42] < x[45]

@@ -20,7 +20,6 @@ high, and P(x;k) concentrates on the lowest ranks.
 """
 
 import argparse
-import functools
 import os
 import sys
 
@@ -33,11 +32,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cmil_jax import checkpoint
 from cmil_jax import losses
-from cmil_jax import optim
-from cmil_jax import parallel
 from cmil_jax import predict
 from cmil_jax import train
 from cmil_jax import viz
+from cmil_jax.data import inputs
 
 GENUINE_MAX, FAKE_MIN = 0.05, 0.5  # mask fraction of a patch's cell
 PAIR_CODES = {(0, 0): "genuine-genuine", (0, 1): "genuine-fake", (1, 0): "genuine-fake",
@@ -96,12 +94,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     cfg = predict.load_config(args.workdir)
-    model = train.build_model(cfg.model)
-    mesh = parallel.make_mesh()
-    tx_fn = functools.partial(optim.make_optimizer, cfg.train, max(1, cfg.train.num_steps))
-    init_state, shardings = train.create_state(cfg, model, tx_fn, mesh, cfg.data.image_size)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            init_state, shardings)
+    run = train.setup(cfg, max(1, cfg.train.num_steps))
+    model, init_state, abstract = run.model, run.init_state(), run.abstract_state
     manager = checkpoint.make_manager(args.workdir, keep=1000)
     steps = sorted(manager.all_steps())
     if steps and len(steps) + 1 > args.max_snapshots:  # the steps nearest to even spacing
@@ -109,7 +103,7 @@ def main(argv=None):
         steps = sorted({min(steps, key=lambda s, t=t: abs(s - t)) for t in targets})
     print(f"snapshots at steps {[0] + steps}", flush=True)
 
-    source = train.open_splits(cfg, args.workdir, (args.split,))[args.split]
+    source = inputs.open_splits(cfg, args.workdir, (args.split,))[args.split]
     fakes = np.flatnonzero(source.labels().any(axis=1))
     exs = []
     for i in fakes:

@@ -27,18 +27,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cmil_jax import localization
 from cmil_jax import predict
-from cmil_jax import train
 from cmil_jax import viz
+from cmil_jax.data import inputs
+from cmil_jax.data import landmarks68 as lm68
 from cmil_jax.data import synthetic
 
-# Landmark indices (dlib 68-point layout) of the face region each class edits.
+# Landmarks (68-point scheme) of the face region each class edits.
 REGIONS = {
-    "eyeglasses": np.arange(17, 48),  # brows and eyes: where glasses sit
-    "eye": np.arange(36, 48),
-    "eyebrow": np.arange(17, 27),
-    "nose": np.arange(27, 36),
-    "lip": np.arange(48, 68),
-    "smiling": np.arange(48, 68),
+    "eyeglasses": np.r_[lm68.BROWS, lm68.EYES],  # brows and eyes: where glasses sit
+    "eye": np.asarray(lm68.EYES),
+    "eyebrow": np.asarray(lm68.BROWS),
+    "nose": np.asarray(lm68.NOSE),
+    "lip": np.asarray(lm68.MOUTH),
+    "smiling": np.asarray(lm68.MOUTH),
 }
 DEFAULT_CLASSES = {"facial_attributes": "Eyeglasses,Smiling", "facial_components": "lip,nose"}
 
@@ -97,7 +98,7 @@ def main(argv=None):
         changed = [f"{k}={v:g}" for k, v in b_cfg.loss.items()
                    if isinstance(v, float) and v != cfg.loss.get(k)]
         baseline_title = "Grad-CAM, baseline" + ("\n" + ", ".join(changed) if changed else "")
-    source = train.open_splits(cfg, args.workdir, (args.split,))[args.split]
+    source = inputs.open_splits(cfg, args.workdir, (args.split,))[args.split]
     labels = source.labels()
     maps_fn = localization.make_maps_fn(model, tau=cfg.loss.tau, logit=args.logit)
     size = cfg.data.image_size

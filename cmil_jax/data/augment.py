@@ -16,7 +16,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from cmil_jax.data.sbi import FLIP_PERMUTATION_68  # the 68-point landmark flip permutation
+from cmil_jax.data import landmarks68
+
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
@@ -47,9 +48,6 @@ class AugmentConfig:
         if self.crop_mode not in ("resized", "pad", "none"):
             raise ValueError("crop_mode must be 'resized', 'pad' or 'none', "
                              f"got {self.crop_mode!r}")
-
-
-NO_AUGMENT = AugmentConfig(flip_p=0.0, crop_mode="none", jitter_p=0.0, blur_p=0.0)
 
 
 def as_config(cfg: AugmentConfig | Mapping[str, Any] | None) -> AugmentConfig:
@@ -136,7 +134,8 @@ def crop_and_resize(image, box, size, mask=None, landmarks=None):
 
 
 def hflip(image, mask=None, landmarks=None):
-    """Mirror left-right; landmarks (68,2) are mirrored and re-indexed by FLIP_PERMUTATION_68."""
+    """Mirror left-right; landmarks (68,2) are mirrored and re-indexed by
+    ``landmarks68.FLIP_PERMUTATION`` (other point counts are only mirrored)."""
     w = image.shape[1]
     image = cv2.flip(image, 1)
     if mask is not None:
@@ -144,8 +143,8 @@ def hflip(image, mask=None, landmarks=None):
     if landmarks is not None:
         landmarks = landmarks.copy()
         landmarks[:, 0] = (w - 1) - landmarks[:, 0]
-        if landmarks.shape[0] == 68:
-            landmarks = landmarks[FLIP_PERMUTATION_68]
+        if landmarks.shape[0] == landmarks68.NUM_LANDMARKS:
+            landmarks = landmarks[landmarks68.FLIP_PERMUTATION]
     return image, mask, landmarks
 
 

@@ -16,29 +16,13 @@ same batches for any worker count. Spawned workers re-import the main module: sc
 workers need an ``if __name__ == "__main__"`` guard (absl apps have one). Close iterators
 with workers (``it.close()``) when done.
 
-Checkpointing the training iterator (a ``grain.DatasetIterator``) in orbax, next to the model::
-
-    import grain, orbax.checkpoint as ocp
-    it = iter(make_train_dataset(...))
-    mngr = ocp.CheckpointManager(ckpt_dir, item_names=("state", "data"))
-    mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(train_state), data=grain.checkpoint.CheckpointSave(it)))
-    ...
-    it = iter(make_train_dataset(...))          # same arguments
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(it)))
-    it = restored["data"]                       # continues with the batch after `step`
-
-grain's handler writes one JSON file per process (``process_<i>-of-<n>.json``); the state
-counts batches consumed by the caller, not those prefetched. Without orbax use
-``iterator_state`` / ``restore_iterator`` (a JSON-serialisable dict).
+Training checkpoints store the iterator's ``get_state()`` (``parallel.DevicePrefetcher.state``,
+``cmil_jax/checkpoint.py``); a resumed run ``set_state``s a fresh iterator of the same pipeline.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -371,20 +355,3 @@ def make_eval_dataset(source, *, batch_size: int, image_size: int, shard: bool =
           .map(_EvalExample(source, indices, image_size, has_seq))
           .batch(batch_size, drop_remainder=False))
     return _to_iter(ds, num_workers, num_threads, prefetch)
-
-
-# --------------------------------------------------------------------------------------------
-# Iterator state without orbax
-
-
-def iterator_state(it: grain.DatasetIterator) -> dict[str, Any]:
-    """JSON-serialisable position of a grain iterator (``json.dumps`` it to store)."""
-    return it.get_state()
-
-
-def restore_iterator(it: grain.DatasetIterator, state: dict[str, Any] | str | bytes):
-    """Move ``it`` (a fresh iterator of the same pipeline) to ``state``; returns ``it``."""
-    if isinstance(state, (str, bytes)):
-        state = json.loads(state)
-    it.set_state(state)
-    return it

@@ -40,7 +40,7 @@ reflected borders when the jittered source reads outside the image, and JPEG on 
 ordered channels (OpenCV expects BGR).
 
 Conventions: images are RGB uint8 (H, W, 3); landmarks float (68, 2) as (x, y) pixels in the
-dlib/iBUG 68-point layout, pixel centres at integers.
+dlib/iBUG 68-point layout (``landmarks68``), pixel centres at integers.
 """
 
 from __future__ import annotations
@@ -52,40 +52,11 @@ import math
 import cv2
 import numpy as np
 
-NUM_LANDMARKS = 68
-
-# Index pairs that swap under a horizontal flip (dlib/iBUG 68-point layout). Points on the
-# vertical midline (8, 27-30, 33, 51, 57, 62, 66) map to themselves.
-# fmt: off
-_FLIP_PAIRS = (
-    *((i, 16 - i) for i in range(8)),  # jaw 0-16 reversed
-    *((17 + i, 26 - i) for i in range(5)),  # brows 17-21 <-> 26-22
-    (31, 35), (32, 34),  # nostrils
-    (36, 45), (37, 44), (38, 43), (39, 42), (40, 47), (41, 46),  # eyes: outer, upper, inner, lower
-    (48, 54), (49, 53), (50, 52), (55, 59), (56, 58),  # outer lip
-    (60, 64), (61, 63), (65, 67),  # inner lip
-)
-# fmt: on
-
-
-def _flip_permutation() -> np.ndarray:
-    perm = np.arange(NUM_LANDMARKS)
-    for a, b in _FLIP_PAIRS:
-        perm[a], perm[b] = b, a
-    perm.setflags(write=False)
-    return perm
-
-
-# After mirroring x -> W - 1 - x, ``mirrored[FLIP_PERMUTATION_68]`` restores the meaning of
-# every index (point k is again "point k"). The permutation is its own inverse.
-FLIP_PERMUTATION_68 = _flip_permutation()
+from cmil_jax.data.landmarks68 import BROWS, CHIN, JAW, LEFT_BROW, NOSE, NUM_LANDMARKS, RIGHT_BROW
 
 # Hull variants [official: four variants; ours: their exact shapes from 68 points].
 HULL_TYPES = ("whole_face", "components", "extended", "full")
 
-_JAW = np.arange(0, 17)
-_BROWS = np.arange(17, 27)
-_NOSE = np.arange(27, 36)
 # "components" pieces, each joined with the chin (8): jaw sides, cheeks, brow centre, eye-to-nose
 # wedges, nose. Image-left first.
 # fmt: off
@@ -252,8 +223,8 @@ def hull_polygons(
     """
     cfg = config or SBIConfig()
     lm = np.asarray(landmarks, np.float32)
-    brows = lm[_BROWS]
-    up = brows.mean(axis=0) - lm[8]  # chin -> brow centre
+    brows = lm[BROWS]
+    up = brows.mean(axis=0) - lm[CHIN]  # chin -> brow centre
     length = float(np.hypot(*up))
     if length < 0.5:  # collapsed face: fall back to image-up and the landmark extent
         up, length = np.float32([0.0, -1.0]), float(np.ptp(lm, axis=0).max())
@@ -266,17 +237,17 @@ def hull_polygons(
         return [np.concatenate([lm, forehead])]
     if hull_type == "extended":
         ext = lm.copy()
-        ext[_BROWS] += up * (cfg.extended_brow_scale * length)
+        ext[BROWS] += up * (cfg.extended_brow_scale * length)
         return [ext]
     if hull_type == "whole_face":
         half = len(forehead) // 2
         return [
-            np.concatenate([lm[_JAW[:9]], lm[17:22], forehead[:half]]),
-            np.concatenate([lm[_JAW[8:]], lm[22:27], forehead[half:]]),
-            np.concatenate([brows, forehead, lm[_NOSE], lm[8:9]]),
+            np.concatenate([lm[JAW[:CHIN + 1]], lm[LEFT_BROW], forehead[:half]]),
+            np.concatenate([lm[JAW[CHIN:]], lm[RIGHT_BROW], forehead[half:]]),
+            np.concatenate([brows, forehead, lm[NOSE], lm[CHIN:CHIN + 1]]),
         ]
     if hull_type == "components":  # convex pieces fanned from the chin: concave where they meet
-        return [lm[np.r_[idx, 8]] for idx in _COMPONENTS]
+        return [lm[np.r_[idx, CHIN]] for idx in _COMPONENTS]
     raise ValueError(f"hull_type must be one of {HULL_TYPES}, got {hull_type!r}")
 
 

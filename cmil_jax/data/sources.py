@@ -1,23 +1,19 @@
-"""TFDS (ArrayRecord) datasets: the synthetic-face builder and a reader for any such dataset.
+"""TFDS (ArrayRecord) face-record datasets: their schema, and a reader for any such dataset.
 
-Record schema (``seq_deepfake_features()``), shared with the real Seq-DeepFake builder:
+Record schema (``seq_deepfake_features()``), shared by all builders (the built-in synthetic
+faces, ``cmil_jax.data.synthetic_dataset``; Seq-DeepFake and the video benchmarks, data_prep/):
 
   image      bytes    encoded PNG or JPEG (any colour image OpenCV decodes), RGB content
   label      int32 (5,)    manipulation sequence, 0-padded (all zeros = original)
-  landmarks  float32 (68,2) (x, y) pixels in the stored image, dlib/iBUG 68-point order
+  landmarks  float32 (68,2) (x, y) pixels in the stored image, iBUG 68-point order (landmarks68)
   mask       bytes    encoded PNG of a uint8 (H,W) manipulation mask (0..255); b'' = no mask
   path       str      origin of the image (relative file name or synthetic id)
 
 Images and masks are stored as encoded bytes in ``Tensor(shape=(), dtype=object)`` features, so
 TFDS only (de)serialises bytes: building and reading need NumPy, array_record and OpenCV, not
 TensorFlow. Decoding happens in ``RecordSource.__getitem__``, i.e. in the grain worker that
-asks for the record.
-
-Synthetic images are PNG (lossless, OpenCV compression level 1): the synthetic manipulations
-leave faint re-processing traces that a lossy codec would blur and that the model is meant to
-learn, and stored images equal ``generate_example`` exactly (tested). The price is size and
-decode time: at 112 px a PNG is ~22 kB and decodes in ~0.7 ms, JPEG q95 ~6 kB and ~0.3 ms;
-both decode far faster than a CPU trains. Real datasets keep their original JPEG bytes.
+asks for the record. Synthetic images are PNG (lossless, see ``synthetic_dataset``); the
+data_prep builders keep a dataset's original JPEG bytes where they can.
 
 Dataset names are ``<builder>/<config>`` directories under ``data_dir`` holding one version
 directory each, e.g. ``cmil_synthetic/facial_components_112px_6000-600-1200_seed0/1.0.0``.
@@ -26,32 +22,23 @@ Splits are 'train', 'val' and 'test'.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
-import multiprocessing
 import os
 import re
-import time
-from typing import Any, ClassVar
+from typing import Any
 
 import cv2
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from cmil_jax.labels import MAX_LEN, SUBSETS
+from cmil_jax.data.landmarks68 import NUM_LANDMARKS
+from cmil_jax.faults import DataError
+from cmil_jax.labels import MAX_LEN
 
 SPLITS = ("train", "val", "test")
-# Index offsets so that the three synthetic splits draw disjoint examples; val/test do not
-# change when num_train changes.
-SPLIT_OFFSETS = {"train": 0, "val": 10_000_000, "test": 20_000_000}
-SYNTHETIC_BUILDER = "cmil_synthetic"
+SYNTHETIC_BUILDER = "cmil_synthetic"  # builder name of cmil_jax.data.synthetic_dataset
 SEQ_DEEPFAKE_BUILD_COMMAND = "python -m data_prep.seq_deepfake --raw-dir RAW --data-dir {data_dir}"
-NUM_LANDMARKS = 68
-
-
-class DataError(ValueError):
-    """A record that cannot be read or decoded; the message names dataset, split and index."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,15 +70,6 @@ def encode_png(array: np.ndarray, compression: int = 1) -> bytes:
     return buf.tobytes()
 
 
-def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
-    """JPEG bytes of a uint8 RGB (H,W,3) image."""
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
-                           [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise ValueError(f"JPEG encoding failed for an image of shape {image.shape}")
-    return buf.tobytes()
-
-
 def decode_image(data: bytes) -> np.ndarray | None:
     """uint8 RGB (H,W,3) from PNG/JPEG bytes, or None if OpenCV cannot decode them."""
     if not data:
@@ -110,66 +88,11 @@ def decode_mask(data: bytes, shape: tuple[int, int]) -> np.ndarray | None:
 
 
 # --------------------------------------------------------------------------------------------
-# Synthetic builder
-
-
-def synthetic_config_name(subset: str, image_size: int, num_train: int, num_val: int,
-                          num_test: int, seed: int = 0) -> str:
-    """Name that identifies a synthetic build: 'facial_components_112px_6000-600-1200_seed0'."""
-    return f"{subset}_{image_size}px_{num_train}-{num_val}-{num_test}_seed{seed}"
-
-
-def synthetic_name(subset: str, image_size: int, num_train: int, num_val: int, num_test: int,
-                   seed: int = 0) -> str:
-    """Dataset name for ``open_split``: 'cmil_synthetic/<config>'."""
-    return f"{SYNTHETIC_BUILDER}/" + synthetic_config_name(
-        subset, image_size, num_train, num_val, num_test, seed)
-
-
-def _synthetic_record(args) -> dict[str, Any]:
-    """One encoded synthetic record. Module level so a process pool can pickle it."""
-    from cmil_jax.data import synthetic
-
-    subset, split, index, seed, image_size = args
-    ex = synthetic.generate_example(subset, index, seed=seed, image_size=image_size)
-    return {
-        "image": encode_png(np.asarray(ex["image"], np.uint8)),
-        "label": np.asarray(ex["label"], np.int32).reshape(MAX_LEN),
-        "landmarks": np.asarray(ex["landmarks"], np.float32).reshape(NUM_LANDMARKS, 2),
-        "mask": encode_png(np.asarray(ex["mask"], np.uint8)),
-        "path": f"synthetic/{subset}/{split}/{index:08d}",
-    }
-
-
-def _worker_init():
-    cv2.setNumThreads(1)
-
-
-@dataclasses.dataclass(eq=False)
-class SyntheticConfig(tfds.core.BuilderConfig):
-    """Synthetic faces of one subset at one size; split sizes in examples."""
-
-    subset: str = "facial_components"
-    image_size: int = 128
-    num_train: int = 6000
-    num_val: int = 600
-    num_test: int = 1200
-    seed: int = 0
-
-
-def make_synthetic_config(subset: str, image_size: int = 128, num_train: int = 6000,
-                          num_val: int = 600, num_test: int = 1200,
-                          seed: int = 0) -> SyntheticConfig:
-    """SyntheticConfig whose name encodes all of its fields (so builds never collide)."""
-    return SyntheticConfig(
-        name=synthetic_config_name(subset, image_size, num_train, num_val, num_test, seed),
-        subset=subset, image_size=image_size, num_train=num_train, num_val=num_val,
-        num_test=num_test, seed=seed,
-        description=f"synthetic Seq-DeepFake-style faces, {subset}, {image_size} px")
+# Builder base
 
 
 class FaceRecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Base of the face-record builders (synthetic here, Seq-DeepFake in data_prep/).
+    """Base of the face-record builders (``synthetic_dataset.CmilSynthetic``, data_prep/).
 
     Declares ``seq_deepfake_features()`` and works around TFDS 4.9's ``code_path`` needing the
     ``importlib_resources`` backport on Python >= 3.9 (not installed, not otherwise needed).
@@ -194,89 +117,13 @@ class FaceRecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         )
 
 
-class CmilSynthetic(FaceRecordBuilder):
-    """Procedural faces with Seq-DeepFake-style manipulation sequences (cmil_jax.data.synthetic).
-
-    ``num_workers`` > 1 generates and encodes examples in a process pool; TFDS writes them.
-    Record i of a split is generated index SPLIT_OFFSETS[split] + i (no shuffling at write).
-    """
-
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "First version."}
-    BUILDER_CONFIGS: ClassVar[list] = [make_synthetic_config(s) for s in SUBSETS]
-    DESCRIPTION = "Synthetic faces with sequential manipulations for cmil_jax."
-    DISABLE_SHUFFLING = True
-
-    def __init__(self, *, num_workers: int = 0, **kwargs):
-        self._num_workers = num_workers
-        self._pool = None
-        super().__init__(**kwargs)
-
-    def _split_generators(self, dl_manager):
-        del dl_manager
-        c = self.builder_config
-        sizes = {"train": c.num_train, "val": c.num_val, "test": c.num_test}
-        return {s: self._generate_examples(s, n) for s, n in sizes.items() if n > 0}
-
-    def _generate_examples(self, split, num):
-        c = self.builder_config
-        offset = SPLIT_OFFSETS[split]
-        jobs = [(c.subset, split, offset + i, c.seed, c.image_size) for i in range(num)]
-        if self._num_workers > 1:
-            if self._pool is None:
-                ctx = multiprocessing.get_context("spawn")  # safe when JAX threads are running
-                self._pool = ctx.Pool(self._num_workers, initializer=_worker_init)
-            records = self._pool.imap(_synthetic_record, jobs, chunksize=8)
-        else:
-            records = map(_synthetic_record, jobs)
-        for job, record in zip(jobs, records):
-            yield job[2], record
-
-    def close_pool(self):
-        if self._pool is not None:
-            self._pool.close()
-            self._pool.join()
-            self._pool = None
-
-
-def build_synthetic(data_dir: str | os.PathLike, subset: str, image_size: int = 128,
-                    num_train: int = 6000, num_val: int = 600, num_test: int = 1200,
-                    num_workers: int | None = None, seed: int = 0) -> str:
-    """Build the synthetic dataset once under data_dir (no-op if complete); returns its name.
-
-    Examples are generated by ``num_workers`` spawned processes (default: all cores; 0 or 1 =
-    in this process) and written by TFDS as ArrayRecord, with TFDS progress bars. Spawned
-    workers re-import the main module, so call this under ``if __name__ == "__main__"`` (absl
-    apps do). Pass the returned name to ``open_split``.
-    """
-    if subset not in SUBSETS:
-        raise ValueError(f"unknown subset {subset!r}; expected one of {SUBSETS}")
-    name = synthetic_name(subset, image_size, num_train, num_val, num_test, seed)
-    if _find_version_dir(os.path.join(os.fspath(data_dir), name)) is not None:
-        return name
-    if num_workers is None:
-        num_workers = os.cpu_count() or 1
-    config = make_synthetic_config(subset, image_size, num_train, num_val, num_test, seed)
-    builder = CmilSynthetic(data_dir=os.fspath(data_dir), config=config,
-                            file_format="array_record", num_workers=num_workers)
-    start = time.time()
-    try:
-        builder.download_and_prepare()
-    finally:
-        builder.close_pool()
-    n = num_train + num_val + num_test
-    print(f"built {name}: {n} examples in {time.time() - start:.1f}s -> {builder.data_dir}",
-          flush=True)
-    return name
-
-
 # --------------------------------------------------------------------------------------------
 # Reading
 
 _VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
 
 
-def _find_version_dir(dataset_dir: str) -> str | None:
+def find_version_dir(dataset_dir: str) -> str | None:
     """Highest complete version directory (holding dataset_info.json) under dataset_dir."""
     if os.path.isfile(os.path.join(dataset_dir, "dataset_info.json")):
         return dataset_dir
@@ -295,7 +142,8 @@ def _missing_message(data_dir: str, name: str, looked_at: str) -> str:
            f"at {looked_at}. ")
     if name.startswith(SYNTHETIC_BUILDER + "/"):
         msg += ("Synthetic data is built automatically by the demo configs; to build it by hand "
-                "call cmil_jax.data.sources.build_synthetic(data_dir, subset, image_size, ...).")
+                "call cmil_jax.data.synthetic_dataset.build_synthetic(data_dir, subset, "
+                "image_size, ...).")
     elif name.startswith("seq_deepfake"):
         msg += "Build it with: " + SEQ_DEEPFAKE_BUILD_COMMAND.format(data_dir=data_dir)
     else:
@@ -394,7 +242,7 @@ def open_split(data_dir: str | os.PathLike, name: str, split: str) -> RecordSour
     """
     data_dir = os.fspath(data_dir)
     dataset_dir = os.path.join(data_dir, name)
-    version_dir = _find_version_dir(dataset_dir)
+    version_dir = find_version_dir(dataset_dir)
     if version_dir is None:
         raise FileNotFoundError(_missing_message(data_dir, name, dataset_dir))
     return RecordSource(version_dir, name, split)

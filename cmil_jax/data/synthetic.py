@@ -41,7 +41,7 @@ import math
 import cv2
 import numpy as np
 
-from cmil_jax.labels import CLASS_NAMES, MAX_LEN, SUBSETS
+from cmil_jax.labels import CLASS_NAMES, MAX_LEN, SUBSETS, sequence_name
 
 # --------------------------------------------------------------------------------------
 # Sequence types and labels
@@ -96,29 +96,9 @@ def label_from_sequence(sequence):
     return label
 
 
-def _sequence_from_label(label):
-    label = np.asarray(label).reshape(-1)
-    return tuple(int(k) for k in label if k != 0)
-
-
 def label_to_name(label, subset):
-    """int (5,) label -> 'nose-eye-lip', or 'original' for all zeros."""
-    _check_subset(subset)
-    seq = _sequence_from_label(label)
-    if not seq:
-        return "original"
-    return "-".join(CLASS_NAMES[subset][k - 1] for k in seq)
-
-
-def sequence_type_index(label, subset):
-    """int (5,) label -> index into SEQUENCE_TYPES[subset] (0 = original); ValueError if absent."""
-    _check_subset(subset)
-    seq = _sequence_from_label(label)
-    try:
-        return SEQUENCE_TYPES[subset].index(seq)
-    except ValueError:
-        raise ValueError(f"label {list(np.asarray(label).reshape(-1))} is not a sequence type "
-                         f"of {subset}") from None
+    """int (5,) label -> 'nose-eye-lip', or 'original' for all zeros (labels.sequence_name)."""
+    return sequence_name(label, subset)
 
 
 def _sample_sequence(subset, rng):
@@ -165,7 +145,8 @@ _FRAMES = np.array([
     np.float32)
 _TEETH = np.array((236, 230, 214), np.float32)
 
-COMPONENT_PARTS = {1: "nose", 2: "eye", 3: "brow", 4: "lips", 5: "hair"}
+# Component class k swaps the part face[COMPONENT_PARTS[k]]: the class names of labels.py.
+COMPONENT_PARTS = dict(enumerate(CLASS_NAMES["facial_components"], start=1))
 
 
 def _far(rng, value, lo, hi, gap):
@@ -214,7 +195,7 @@ def _sample_face(rng):
                        iris=_IRIS[rng.integers(len(_IRIS))].copy(), liner=u(1.2, 2.4),
                        sclera=np.array((242, 238, 230), np.float32) - u(0, 14))
     brow_dark = u(0.35, 0.8) if _luma(hair_colour) > 90 else u(0.8, 1.1)
-    face["brow"] = dict(gap=u(0.13, 0.21) * b, arch=u(0.02, 0.07) * b, th_in=u(2.5, 7.0),
+    face["eyebrow"] = dict(gap=u(0.13, 0.21) * b, arch=u(0.02, 0.07) * b, th_in=u(2.5, 7.0),
                         th_out=u(1.2, 3.0), out=u(0.55, 0.72), inner=u(0.0, 0.12),
                         colour=_clip(hair_colour * brow_dark, 0, 255))
     face["nose"] = dict(w=u(0.16, 0.29) * a, nostril=u(0.25, 0.5), shade=u(0.70, 0.90),
@@ -224,7 +205,7 @@ def _sample_face(rng):
         lip_colour = _LIPSTICK[rng.integers(len(_LIPSTICK))] + u(-8, 8, 3)
     else:
         lip_colour = skin * np.array((0.86, 0.58, 0.58)) + np.array((20, 8, 12)) + u(-8, 8, 3)
-    face["lips"] = dict(w=u(0.26, 0.40) * a, tu=u(0.04, 0.085) * b, tl=u(0.06, 0.12) * b,
+    face["lip"] = dict(w=u(0.26, 0.40) * a, tu=u(0.04, 0.085) * b, tl=u(0.06, 0.12) * b,
                         bow=u(0.1, 0.45), corner=u(-0.01, 0.015) * b, open=0.0,
                         colour=_clip(lip_colour, 0, 255).astype(np.float32))
     face["hair"] = dict(style=int(rng.choice(3, p=(0.35, 0.3, 0.35))), colour=hair_colour,
@@ -266,11 +247,11 @@ def _donor_parts(rng, target):
     d["nose"]["w"] *= ra
     d["nose"]["bridge"] *= ra
     d["nose"]["drop"] *= rb
-    d["lips"]["w"] *= ra
+    d["lip"]["w"] *= ra
     for key in ("tu", "tl", "corner"):
-        d["lips"][key] *= rb
+        d["lip"][key] *= rb
     for key in ("gap", "arch"):
-        d["brow"][key] *= rb
+        d["eyebrow"][key] *= rb
     for key in ("temple", "dip", "sideburn"):
         d["hair"][key] *= rb
     d["hair"]["part"] *= ra
@@ -282,19 +263,20 @@ def _donor_parts(rng, target):
     d["eye"]["w"] = _far(rng, t["eye"]["w"], 0.30 * a, 0.40 * a, 0.04 * a)
     d["eye"]["up"] = _far(rng, t["eye"]["up"], 0.20, 0.34, 0.05)
     d["eye"]["iris"] = _far_colour(rng, _IRIS, t["eye"]["iris"], 50)
-    d["brow"]["th_in"] = _far(rng, t["brow"]["th_in"], 2.5, 7.0, 2.0)
-    d["brow"]["gap"] = _far(rng, t["brow"]["gap"], 0.13 * b, 0.21 * b, 0.03 * b)
-    if np.linalg.norm(d["brow"]["colour"] - t["brow"]["colour"]) < 50:
-        d["brow"]["colour"] = _clip(t["brow"]["colour"] + (60 if _luma(t["brow"]["colour"]) < 100
-                                                            else -70), 0, 255)
-    d["lips"]["tl"] = _far(rng, t["lips"]["tl"], 0.06 * b, 0.12 * b, 0.02 * b)
-    if np.linalg.norm(d["lips"]["colour"] - t["lips"]["colour"]) < 50:
-        d["lips"]["colour"] = _far_colour(rng, _LIPSTICK, t["lips"]["colour"], 50)
+    d["eyebrow"]["th_in"] = _far(rng, t["eyebrow"]["th_in"], 2.5, 7.0, 2.0)
+    d["eyebrow"]["gap"] = _far(rng, t["eyebrow"]["gap"], 0.13 * b, 0.21 * b, 0.03 * b)
+    brow_colour = t["eyebrow"]["colour"]
+    if np.linalg.norm(d["eyebrow"]["colour"] - brow_colour) < 50:
+        d["eyebrow"]["colour"] = _clip(brow_colour + (60 if _luma(brow_colour) < 100 else -70),
+                                       0, 255)
+    d["lip"]["tl"] = _far(rng, t["lip"]["tl"], 0.06 * b, 0.12 * b, 0.02 * b)
+    if np.linalg.norm(d["lip"]["colour"] - t["lip"]["colour"]) < 50:
+        d["lip"]["colour"] = _far_colour(rng, _LIPSTICK, t["lip"]["colour"], 50)
     d["hair"]["colour"] = _far_colour(rng, _HAIR, t["hair"]["colour"], 80)
     if rng.random() < 0.7:
         d["hair"]["style"] = int((t["hair"]["style"] + rng.integers(1, 3)) % 3)
     d["hair"]["line"] = _far(rng, t["hair"]["line"], 0.52, 0.72, 0.06)
-    return {name: d[name] for name in ("nose", "eye", "brow", "lips", "hair")}
+    return {name: d[name] for name in COMPONENT_PARTS.values()}
 
 
 # --------------------------------------------------------------------------------------
@@ -607,8 +589,9 @@ def _disc(img, xy, r, colour):
 class _Renderer:
     """Draws states of one face at one size; caches geometry and state-independent layers.
 
-    A state is (parts, attrs): parts maps 'nose', 'eye', 'brow', 'lips', 'hair' to the
-    target's or a donor's parameters; attrs is a frozenset of applied attribute ids.
+    A state is (parts, attrs): parts maps each of COMPONENT_PARTS' names ('nose', 'eye',
+    'eyebrow', 'lip', 'hair') to the target's or a donor's parameters; attrs is a frozenset of
+    applied attribute ids.
     """
 
     def __init__(self, face, size, noise):
@@ -682,25 +665,25 @@ class _Renderer:
                 p = _base_piece(lay)
             elif name == "eye":
                 p = _eye_piece(lay, params)
-            elif name == "brow":
+            elif name == "eyebrow":
                 p = _brow_piece(lay, params)
             elif name == "nose":
                 p = _nose_piece(lay, params)
-            elif name == "lips":
+            elif name == "lip":
                 p = _lips_piece(lay, params, f["smile"] if flag else None)
             elif name == "hair":
                 p = _hair_piece(lay, params)
             elif name == "age":
-                p = _age_piece(lay, f, self.local("brow")["top"], self.local("eye"),
-                               f["nose"]["w"], f["lips"]["w"])
+                p = _age_piece(lay, f, self.local("eyebrow")["top"], self.local("eye"),
+                               f["nose"]["w"], f["lip"]["w"])
             elif name == "bangs":
                 p = _bangs_piece(lay, f["bangs"], self.local("hair")["hairline"],
-                                 self.local("brow")["top"])
+                                 self.local("eyebrow")["top"])
             elif name == "glasses":
                 p = _glasses_piece(lay, f["glasses"], f["eye"])
             elif name == "beard":
                 p = _beard_piece(lay, f["beard"], self.local("base")["lm"],
-                                 self.local("nose")["lm"], self.local("lips"))
+                                 self.local("nose")["lm"], self.local("lip"))
             else:
                 raise KeyError(name)
             self._cache[key] = self._convert(p)
@@ -712,8 +695,8 @@ class _Renderer:
         return self.piece(name, params)["_local"]
 
     def state(self, parts, attrs):
-        st = {name: self.piece(name, parts[name]) for name in ("eye", "brow", "nose", "hair")}
-        st["lips"] = self.piece("lips", parts["lips"], 4 in attrs)
+        st = {name: self.piece(name, parts[name]) for name in ("eye", "eyebrow", "nose", "hair")}
+        st["lip"] = self.piece("lip", parts["lip"], 4 in attrs)
         st["base"] = self.piece("base")
         st["age"] = self.piece("age")
         for k, name in ((1, "bangs"), (2, "glasses"), (3, "beard")):
@@ -723,8 +706,8 @@ class _Renderer:
 
     @staticmethod
     def landmarks(st):
-        return np.concatenate([st["base"]["lm"], st["brow"]["lm"], st["nose"]["lm"],
-                               st["eye"]["lm"], st["lips"]["lm"]]).astype(np.float32)
+        return np.concatenate([st["base"]["lm"], st["eyebrow"]["lm"], st["nose"]["lm"],
+                               st["eye"]["lm"], st["lip"]["lm"]]).astype(np.float32)
 
     def draw(self, st, parts, attrs):
         """Draw one state before lighting and noise: uint8 (S, S, 3)."""
@@ -743,12 +726,12 @@ class _Renderer:
         if 3 in attrs:
             self._draw_beard(img, st["beard"], f["beard"])
         self._draw_nose(img, st["nose"], parts["nose"], skin)
-        self._draw_lips(img, st["lips"], parts["lips"])
+        self._draw_lips(img, st["lip"], parts["lip"])
         self._draw_eyes(img, st["eye"], parts["eye"], skin)
         if not young:
             _lines(img, st["eye"]["bags"], skin * (1 - 0.18 * f["age"]["level"]), 1.6 * s)
-        brow_colour = _col(parts["brow"]["colour"])
-        cv2.fillPoly(img, st["brow"]["outlines"], brow_colour, cv2.LINE_AA, _SHIFT)
+        brow_colour = _col(parts["eyebrow"]["colour"])
+        cv2.fillPoly(img, st["eyebrow"]["outlines"], brow_colour, cv2.LINE_AA, _SHIFT)
         if 2 in attrs:
             self._draw_glasses(img, st["glasses"], f["glasses"])
         _fill(img, hp["cap"], hair["colour"])
@@ -900,7 +883,7 @@ def _glasses_mask(size, gp, grow, s):
 def _skin_mask(size, st, attrs, s):
     """Face skin left visible: head outline minus eyes, brows, lips, hair and attributes."""
     m = _mask(size, [st["base"]["face"]])
-    features = st["eye"]["outlines"] + st["brow"]["outlines"] + [st["lips"]["outline"]]
+    features = st["eye"]["outlines"] + st["eyebrow"]["outlines"] + [st["lip"]["outline"]]
     _fill_each(m, features + [st["hair"]["cap"]], 0)
     cv2.polylines(m, features, True, 0, max(1, int(round(3 * s))), cv2.LINE_8, _SHIFT)
     if 1 in attrs:
@@ -918,8 +901,8 @@ def _part_masks(size, st, attrs, s):
         "skin": _skin_mask(size, st, attrs, s),
         "nose": _mask(size, [st["nose"]["region"]]),
         "eyes": _mask(size, st["eye"]["outlines"]),
-        "brows": _mask(size, st["brow"]["outlines"]),
-        "lips": _mask(size, [st["lips"]["outline"]]),
+        "brows": _mask(size, st["eyebrow"]["outlines"]),
+        "lips": _mask(size, [st["lip"]["outline"]]),
         "hair": _hair_mask(size, st),
     }
     if 1 in attrs:
@@ -938,10 +921,10 @@ def _component_region(size, part, old, new, s):
     if part == "eye":  # grown to cover lids and creases
         grow = 0.18 * new["eye"]["_local"]["iris_r"] / 0.22 * s + 2 * s
         return _mask(size, old["eye"]["outlines"] + new["eye"]["outlines"], grow)
-    if part == "brow":
-        return _mask(size, old["brow"]["outlines"] + new["brow"]["outlines"], 2.5 * s)
-    if part == "lips":
-        return _mask(size, [old["lips"]["outline"], new["lips"]["outline"]], 3 * s)
+    if part == "eyebrow":
+        return _mask(size, old["eyebrow"]["outlines"] + new["eyebrow"]["outlines"], 2.5 * s)
+    if part == "lip":
+        return _mask(size, [old["lip"]["outline"], new["lip"]["outline"]], 3 * s)
     m = np.maximum(_hair_mask(size, old), _hair_mask(size, new))
     k = max(1, int(round(3 * s)))
     return cv2.dilate(m, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * k + 1, 2 * k + 1)))
@@ -955,11 +938,11 @@ def _attribute_region(size, attr, old, new, attrs, s):
         return _glasses_mask(size, new["glasses"], 2 * s, s)
     if attr == 3:
         m = _mask(size, [new["beard"]["poly"]], 2 * s)
-        cv2.fillPoly(m, [new["lips"]["outline"]], 0, cv2.LINE_8, _SHIFT)
+        cv2.fillPoly(m, [new["lip"]["outline"]], 0, cv2.LINE_8, _SHIFT)
         return m
     if attr == 4:
-        grow = 0.06 * new["lips"]["_local"]["w"] * s + 3 * s
-        return _mask(size, [old["lips"]["outline"], new["lips"]["outline"]], grow)
+        grow = 0.06 * new["lip"]["_local"]["w"] * s + 3 * s
+        return _mask(size, [old["lip"]["outline"], new["lip"]["outline"]], grow)
     return _skin_mask(size, new, attrs, s)
 
 
@@ -1044,7 +1027,7 @@ def generate_example(subset, index, seed=0, image_size=256, *, sequence=None, ap
 
     r = _Renderer(face, size, noise)
     s = r.s
-    parts = {name: face[name] for name in ("nose", "eye", "brow", "lips", "hair")}
+    parts = {name: face[name] for name in COMPONENT_PARTS.values()}
     attrs = frozenset()
     st = r.state(parts, attrs)
     image = r.finish(r.draw(st, parts, attrs))

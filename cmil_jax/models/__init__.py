@@ -4,11 +4,12 @@
     variables = backbone.init(rng, images_nhwc, train=False)
     feature_map = backbone.apply(variables, images_nhwc, train=False)   # (B, h, w, c)
 
-Every builder takes the keywords ``dilate_last``, ``width``, ``dtype`` and ``param_dtype``
-(CMIL passes all four) and returns a Linen module called as ``module(images, train=...)``
-with float (B, H, W, 3) normalised images, returning the last feature map (B, h, w, c).
-A family that cannot honour a keyword (e.g. dilation) should raise a ValueError for it.
-Add a family with ``register_backbone(name, builder, stride)``.
+Every builder takes the keywords ``dilate_last``, ``width``, ``layers``, ``dtype`` and
+``param_dtype`` (CMIL passes all five) and returns a Linen module called as
+``module(images, train=...)`` with float (B, H, W, 3) normalised images, returning the last
+feature map (B, h, w, c). ``layers`` is how a ResNet computes its convolutions and BatchNorms
+(resnet.Layers); Swin has neither and ignores it. A family that cannot honour a keyword (e.g.
+dilation) raises a ValueError for it.
 
 Names: 'resnet18', 'resnet34', 'resnet50' (torchvision layout and weights) and 'resnet10'
 (BasicBlock (1, 1, 1, 1): a small demo net of this project, no pretrained weights);
@@ -37,12 +38,6 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
 FEATURE_STRIDES: dict[str, int] = {name: 32 for name in BACKBONES}
 
 
-def register_backbone(name: str, builder: Callable[..., nn.Module], stride: int) -> None:
-    """Adds a backbone family member; ``stride`` is its output stride without dilation."""
-    BACKBONES[name] = builder
-    FEATURE_STRIDES[name] = stride
-
-
 def _check_name(name: str) -> None:
     if name not in BACKBONES:
         raise ValueError(f"Unknown backbone {name!r}; valid names: {', '.join(sorted(BACKBONES))}")
@@ -67,4 +62,4 @@ def feature_stride(name: str, dilate_last: bool = False) -> int:
 # Imported last: cmil.py uses build_backbone from this module.
 from cmil_jax.models.cmil import CMIL  # noqa: E402
 
-__all__ = ["BACKBONES", "FEATURE_STRIDES", "CMIL", "build_backbone", "feature_stride", "register_backbone"]
+__all__ = ["BACKBONES", "FEATURE_STRIDES", "CMIL", "build_backbone", "feature_stride"]

@@ -19,7 +19,12 @@ The position embedding is created for the feature-map size seen at init; the mod
 runs at that image size only (another size fails with a parameter-shape error).
 
 Precision: parameters in ``param_dtype``; backbone, tokenizer and transformer compute in
-``dtype`` (e.g. bfloat16); the heads, the MIL normalisation and all outputs are float32.
+``dtype`` (e.g. 'bfloat16'); the heads, the MIL normalisation and all outputs are float32.
+``layers`` is how a ResNet backbone computes its convolutions and BatchNorms (resnet.Layers,
+chosen at start-up by cmil_jax.runtime); it never changes the variables.
+
+The attributes other than ``layers`` and ``param_dtype`` are the fields of the config's
+``model`` section: ``CMIL(**cfg.model, layers=...)``.
 
 Parameter names (top level of params): backbone, tokenizer, pos_embed (h, w, d),
 class_tokens (K, d), encoder/{norm1, attn, norm2, fc1, fc2}, class_norm, class_head/{kernel (K, d),
@@ -32,8 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cmil_jax.models import BACKBONES, build_backbone, resnet
-from cmil_jax.models.resnet import CONV_IMPLS
+from cmil_jax.models import build_backbone, resnet
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -128,9 +132,9 @@ class CMIL(nn.Module):
     dilate_last: bool = False
     backbone_width: int = 64
     mil_bias_init: float = 0.5
-    conv_impl: str = "auto"  # how ResNet convs are computed: resnet.CONV_IMPLS; Swin ignores it
-    dtype: Any = jnp.float32
+    dtype: Any = "float32"  # compute dtype (name or numpy dtype)
     param_dtype: Any = jnp.float32
+    layers: resnet.Layers = resnet.FLAX_LAYERS
 
     def _check_config(self):
         if self.num_class_tokens != self.num_classes:
@@ -140,28 +144,25 @@ class CMIL(nn.Module):
             )
         if self.patch_pool not in PATCH_POOLS:
             raise ValueError(f"patch_pool must be one of {PATCH_POOLS}, got {self.patch_pool!r}")
-        if self.conv_impl not in CONV_IMPLS:
-            raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {self.conv_impl!r}")
         if self.width % self.num_heads:
             raise ValueError(f"width ({self.width}) must be divisible by num_heads ({self.num_heads})")
 
     @nn.compact
     def __call__(self, images, train: bool):
         self._check_config()
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dtype = jnp.dtype(self.dtype)
+        kw = dict(dtype=dtype, param_dtype=self.param_dtype)
         f32 = dict(dtype=jnp.float32, param_dtype=self.param_dtype)
         d, k = self.width, self.num_class_tokens
 
         # 1-2. Normalise, backbone.
-        x = normalize_images(images, self.dtype)
-        is_resnet = getattr(BACKBONES.get(self.backbone), "__module__", "") == resnet.__name__
-        backbone_kw = {"conv_impl": self.conv_impl} if is_resnet else {}
+        x = normalize_images(images, dtype)
         feature_map = build_backbone(
             self.backbone,
             dilate_last=self.dilate_last,
             width=self.backbone_width,
+            layers=self.layers,
             name="backbone",
-            **backbone_kw,
             **kw,
         )(x, train=train)
         b, h, w, _ = feature_map.shape
@@ -169,11 +170,11 @@ class CMIL(nn.Module):
         # 3. Patch tokens: 1x1 conv + 2-D position embedding, flattened row-major.
         tokens = nn.Conv(d, (1, 1), name="tokenizer", **kw)(feature_map)
         pos_embed = self.param("pos_embed", _trunc_normal, (h, w, d), self.param_dtype)
-        tokens = (tokens + pos_embed.astype(self.dtype)).reshape(b, h * w, d)
+        tokens = (tokens + pos_embed.astype(dtype)).reshape(b, h * w, d)
 
         # 4. Prepend K class tokens.
         class_tokens = self.param("class_tokens", _trunc_normal, (k, d), self.param_dtype)
-        class_tokens = jnp.broadcast_to(class_tokens.astype(self.dtype), (b, k, d))
+        class_tokens = jnp.broadcast_to(class_tokens.astype(dtype), (b, k, d))
         x = jnp.concatenate([class_tokens, tokens], axis=1)  # (B, K + N, d)
 
         # 5. One transformer layer.

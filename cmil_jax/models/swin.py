@@ -372,11 +372,13 @@ class SwinTransformer(nn.Module):
 
 
 def _builder(arch):
-    def build(**kwargs) -> SwinTransformer:
+    def build(layers=None, **kwargs) -> SwinTransformer:
+        del layers  # ResNet layer sets: Swin has no convolution stack or BatchNorm to swap
         return SwinTransformer(**SWIN_CONFIGS[arch], **kwargs)
 
     build.__name__ = arch
-    build.__doc__ = f"{arch}: {SWIN_CONFIGS[arch]}; keywords as SwinTransformer's attributes."
+    build.__doc__ = (f"{arch}: {SWIN_CONFIGS[arch]}; keywords as SwinTransformer's attributes "
+                     "(``layers`` is accepted and unused).")
     return build
 
 

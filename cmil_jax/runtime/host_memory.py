@@ -1,12 +1,11 @@
 """Host memory reuse for CPU training (glibc's malloc settings).
 
-XLA:CPU allocates one temporary buffer per step for all the activations the step keeps (about
-610 MB for a ResNet-50 CMIL step at 128 px, batch 16). glibc serves a block that size with a
-fresh mmap from a worker thread's arena and unmaps it when the step ends, so every step
-faults in and zeroes about 156,000 new pages: a third of a CPU second per step
-(benchmarks/RESULTS.md). ``keep_freed_memory()`` makes every thread allocate from the main
-heap, never through mmap, and keeps freed memory in the process, so the next step reuses the
-same pages. It must run before JAX starts its CPU backend (the backend's threads pick their
+XLA:CPU allocates one temporary buffer per step for all the activations the step keeps
+(hundreds of MB for a ResNet-50 step). glibc serves a block that size with a fresh mmap from a
+worker thread's arena and unmaps it when the step ends, so every step faults in and zeroes
+every page of it again (the cost is measured in benchmarks/RESULTS.md).
+``keep_freed_memory()`` makes every thread allocate from the main heap, never through mmap, and
+keeps freed memory in the process, so the next step reuses the same pages. It must run before JAX starts its CPU backend (the backend's threads pick their
 arena on their first allocation). The process keeps its peak heap size until it exits.
 
 Equivalent environment, set before Python starts: MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0
@@ -27,12 +26,10 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 _KEEP = 2**31 - 1  # bytes of free memory at the top of the heap kept before returning any
 
-SETTINGS = {"M_ARENA_MAX": 1, "M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": _KEEP}
-
 
 def keep_freed_memory() -> bool:
-    """Applies SETTINGS through glibc's mallopt; True when all were accepted, False on other C
-    libraries (nothing changed)."""
+    """Sets glibc's M_ARENA_MAX 1, M_MMAP_MAX 0 and M_TRIM_THRESHOLD 2**31 - 1 through mallopt;
+    True when all were accepted, False on other C libraries (nothing changed)."""
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name or "libc.so.6")

@@ -10,11 +10,16 @@ system's C++ compiler (``$CXX``, default g++) on first use, caches the shared li
 ``$CMIL_JAX_CACHE`` (default ``~/.cache/cmil_jax``) and registers its calls with XLA.
 
   conv2d(x, kernel, stride, dilation, pad)        NHWC x, HWIO kernel -> NHWC, float32
+  conv_general_dilated(...)                       the same with lax's signature (flax Conv)
   batch_norm_train(x, scale, shift, eps, relu)    -> (y, batch mean, biased batch variance)
 
-both differentiable (``jax.custom_vjp``: the backward passes are oneDNN calls too).
-``available()`` says whether they can be used here and, if not, why; the functions raise
-``OneDNNUnavailable`` with that reason.
+both differentiable (``jax.custom_vjp``: the backward passes are oneDNN calls too), and
+``ONEDNN_LAYERS``, the ResNet layer set built on them. ``available()`` says whether they can be
+used here and, if not, why; the functions raise ``OneDNNUnavailable`` with that reason.
+
+On several devices XLA does not split a custom call: it gathers the operands and runs the call
+on the whole batch on every device, so the results are those of one device (BatchNorm over the
+global batch) at the cost of repeating the work.
 """
 
 from __future__ import annotations
@@ -28,10 +33,16 @@ import shutil
 import subprocess
 import site
 import sys
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
+
+from cmil_jax.models import resnet
+from cmil_jax.runtime import matmul
 
 _SOURCE = pathlib.Path(__file__).with_name("onednn_conv.cc")
 _TARGETS = (
@@ -236,3 +247,57 @@ def batch_norm_train(x, scale, shift, eps: float = 1e-5, relu: bool = False):
         raise TypeError(f"oneDNN batch_norm_train takes float32, got {x.dtype}")
     y, mean, var = _bn(x, scale.astype(jnp.float32), shift.astype(jnp.float32), float(eps), bool(relu))
     return y, jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
+
+
+class OneDNNBatchNorm(nn.Module):
+    """flax.linen.BatchNorm's computation and variables (params scale, bias; batch_stats mean,
+    var), then a ReLU when ``relu``; in training the normalisation and its gradient are one
+    oneDNN call each way."""
+
+    use_running_average: bool
+    relu: bool = False
+    scale_init: Any = nn.initializers.ones
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), (c,))
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), (c,))
+        scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        if self.use_running_average:
+            mul = scale * lax.rsqrt(ra_var.value + resnet.BN_EPS)
+            y = (x - ra_mean.value) * mul + bias
+            return nn.relu(y) if self.relu else y
+        y, mean, var = batch_norm_train(x, scale, bias, resnet.BN_EPS, self.relu)
+        if not self.is_initializing():
+            m = resnet.BN_MOMENTUM
+            ra_mean.value = m * ra_mean.value + (1 - m) * mean
+            ra_var.value = m * ra_var.value + (1 - m) * var
+        return y
+
+
+def _norm_layer(train, *, relu=False, scale_init=nn.initializers.ones, name, dtype, param_dtype):
+    del dtype  # float32 only
+    return OneDNNBatchNorm(not train, relu, scale_init, param_dtype, name=name)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         precision=None):
+    """lax.conv_general_dilated as flax.linen.Conv calls it (NHWC input, HWIO kernel), computed
+    by conv2d: equal strides and dilations on both axes, no input dilation, no groups."""
+    del dimension_numbers, precision  # NHWC / HWIO from flax.linen.Conv; float32
+    (sh, sw), (dh, dw) = tuple(window_strides), tuple(rhs_dilation or (1, 1))
+    if sh != sw or dh != dw or feature_group_count != 1 or tuple(lhs_dilation or (1, 1)) != (1, 1):
+        raise ValueError("oneDNN conv2d: equal strides and dilations, no input dilation or groups")
+    return conv2d(lhs, rhs, sh, dh, tuple(tuple(p) for p in padding))
+
+
+ONEDNN_LAYERS = resnet.Layers(
+    "onednn",
+    functools.partial(resnet.flax_conv, conv_general_dilated=conv_general_dilated),
+    _norm_layer,
+    matmul.max_pool_3x3_s2,
+)

@@ -1,1 +1,0 @@
-"""Custom CPU kernels for XLA: oneDNN convolutions and BatchNorm (onednn.py)."""
