@@ -2,8 +2,8 @@
 # Throughput of cmil_jax against its PyTorch twin on one GPU (H100/H200), in about 7 minutes
 # on an H100 (at most 8: each backbone has a time budget, after which it reports what it has):
 # ResNet-50 and ResNet-34 CMIL at 256 px, bfloat16, batch 128 (train step and inference; JAX,
-# torch eager, torch.compile), each with the end-to-end rate of the grain pipeline on SBI
-# training triples (when grain is importable) against the device-only rate.
+# torch eager, torch.compile), each with the end-to-end rate of the training input pipeline on
+# SBI training triples (when the data stack imports) against the device-only rate.
 #
 #   bash benchmarks/gpu.sh              # on the GPU machine, from the repository root
 #   bash benchmarks/gpu.sh --profile    # then where the ResNet-50 step's time goes (+30-90 s)
@@ -28,12 +28,28 @@ PY="${PYTHON:-python3}"
 OUT="${OUT:-$PWD/bench_out}"
 mkdir -p "$OUT"
 
-# Wheels the GPU image lacks, carried in .whl/ (no index on the machine).
+# Wheels the GPU image lacks (it has jax[cuda], flax, optax, orbax, torch, timm), carried in
+# .whl/ because the machine has no package index; installed without dependencies, so every
+# missing one must be there:
+#   always (the benchmark builds its config with cmil_jax.config_base):
+#     ml_collections (and PyYAML where the image lacks it);
+#   for the end-to-end rate (cmil_jax.data: the synthetic TFDS records read by grain):
+#     grain, array_record (cp312 manylinux), tensorflow_datasets, opencv_python_headless and
+#     those of their requirements the image lacks (from their metadata: etils, cloudpickle,
+#     portpicker, immutabledict, promise, simple_parsing, tensorflow_metadata, termcolor, toml,
+#     wrapt, dm_tree; `python -c "import cmil_jax.data.inputs"` names the next one missing).
+#     Without them the end-to-end rate is skipped, not the run.
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+if ! err=$("$PY" -c "import ml_collections" 2>&1); then
+  echo "error: ml_collections does not import ($(tail -n1 <<<"$err")); the benchmark's" \
+    "config is cmil_jax.config_base's: put ml_collections-*.whl (and PyYAML's if the image" \
+    "lacks it) in .whl/" >&2
+  exit 1
+fi
 
 # JAX: latency-hiding scheduler, a persistent compilation cache, and 45% of the GPU memory
 # preallocated (JAX's BFC allocator, faster than cuda_malloc_async, so TF_GPU_ALLOCATOR stays
@@ -70,7 +86,8 @@ fi
   grep -m1 "model name" /proc/cpuinfo; nproc
   "$PY" - <<'EOF'
 import importlib
-for m in ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "grain"):
+for m in ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "ml_collections", "grain",
+          "tensorflow_datasets"):
     try:
         print(m, importlib.import_module(m).__version__)
     except Exception as e:
@@ -79,8 +96,9 @@ EOF
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-HAVE_GRAIN=0
-"$PY" -c "import grain" 2>/dev/null && HAVE_GRAIN=1
+# The end-to-end rate needs the data stack (grain, TFDS, array_record, OpenCV).
+HAVE_DATA=0
+"$PY" -c "import cmil_jax.data.inputs, cmil_jax.data.synthetic_dataset" 2>/dev/null && HAVE_DATA=1
 
 jsons=()
 for run in "${RUNS[@]}"; do
@@ -88,7 +106,7 @@ for run in "${RUNS[@]}"; do
   backbone=$1 budget=$2
   shift 2
   extra=("$@")
-  if [ "$HAVE_GRAIN" = 1 ]; then extra+=("${E2E[@]}"); fi
+  if [ "$HAVE_DATA" = 1 ]; then extra+=("${E2E[@]}"); fi
   json="$OUT/throughput_${backbone}.json"
   echo "=== $backbone (at most ${budget}s)"
   # SIGTERM at the budget makes the script report the windows measured so far.
@@ -96,7 +114,8 @@ for run in "${RUNS[@]}"; do
     "${extra[@]}" --json "$json" 2>&1 | tee "$OUT/throughput_${backbone}.log" | grep -v "^W0000\|^I0000"
   [ -f "$json" ] && jsons+=("$json")
 done
-[ "$HAVE_GRAIN" = 1 ] || echo "end to end: skipped (grain is not installed)" | tee -a "$OUT/env.txt"
+[ "$HAVE_DATA" = 1 ] || echo "end to end: skipped (the data stack does not import: grain," \
+  "tensorflow_datasets, array_record, cv2; see the wheels above)" | tee -a "$OUT/env.txt"
 
 if [ "${#jsons[@]}" -gt 0 ]; then
   {

@@ -54,6 +54,7 @@ import numpy as np
 
 from benchmarks.sbi_reference import reference_self_blend
 from benchmarks.throughput import cpu_model
+from cmil_jax import labels
 from cmil_jax.data import augment, sbi
 
 SUBSET = "facial_components"
@@ -208,9 +209,9 @@ def bench_sbi(args) -> dict:
 
 def open_train_source(args):
     """The synthetic TFDS train split (built under --data-dir on first use)."""
-    from cmil_jax.data import sources
+    from cmil_jax.data import sources, synthetic_dataset
 
-    name = sources.build_synthetic(
+    name = synthetic_dataset.build_synthetic(
         args.data_dir, SUBSET, args.image_size, args.records, 1, 1, num_workers=1
     )
     return sources.open_split(args.data_dir, name, "train")
@@ -260,7 +261,7 @@ def reference_triple(j: int) -> dict[str, np.ndarray]:
     genuine = source[int(_REF["order"][j % len(_REF["order"])])]
     fake = source[int(_REF["fakes"][rng.integers(len(_REF["fakes"]))])]
     real, pseudo, blend = reference_self_blend(genuine["image"], genuine["landmarks"], rng)
-    zeros = np.zeros(5, np.int32)
+    zeros = np.zeros(labels.MAX_LEN, np.int32)
     parts = [
         (real, np.zeros(real.shape[:2], np.uint8), zeros, 0),
         (pseudo, np.round(blend * 255).astype(np.uint8), zeros, 1),

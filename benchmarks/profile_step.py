@@ -1,13 +1,14 @@
 """Where a training step's device time goes: cmil_jax (jax.profiler) next to its PyTorch twin.
 
     python -m benchmarks.profile_step --backbone resnet50 --image-size 256 --batch 128 \
-        --dtype bfloat16 [--steps 5] [--warmup 3] [--no-torch] [--top 25] [--out DIR]
+        --dtype bfloat16 [--steps 5] [--warmup 3] [--kernels auto|xla|matmul|onednn] \
+        [--no-torch] [--top 25] [--out DIR]
 
-Traces ``--steps`` steps of the same jitted train step that ``benchmarks.throughput`` times
-(after compilation and ``--warmup`` steps), reads the trace back with
-``jax.profiler.ProfileData`` and sums the kernels' durations: on a GPU the kernels of the
-device plane's streams, on the CPU the XLA thunks of the host plane (all threads added up, so
-on several cores the sum exceeds the wall time). Then the twin's eager train step under
+Traces ``--steps`` steps of the jitted train step of ``cmil_jax.train.setup`` for the config
+that ``benchmarks.throughput`` builds (after compilation and ``--warmup`` steps), reads the
+trace back with ``jax.profiler.ProfileData`` and sums the kernels' durations: on a GPU the
+kernels of the device plane's streams, on the CPU the XLA thunks of the host plane (all threads
+added up, so on several cores the sum exceeds the wall time). Then the twin's eager train step under
 ``torch.profiler`` (device kernels on a GPU, operators on the CPU). Prints, per framework, the
 wall time per step, the summed kernel time per step, the top kernels and the time per kind of
 kernel (convolution, matrix product, fused elementwise/reduction, copies, ...); writes the
@@ -123,10 +124,10 @@ def _section(what, wall, wall_untraced, times, args) -> dict:
     }
 
 
-def profile_jax(args, cfg, train, batch_np, work_dir: str) -> dict:
+def profile_jax(args, cfg, batch_np, work_dir: str) -> dict:
     import jax
 
-    runners, host_vars, _ = throughput.jax_runners(train, cfg, args, batch_np, {"jax_train"})
+    runners, host_vars, extra = throughput.jax_runners(cfg, args, batch_np, {"jax_train"})
     r = runners["jax_train"]
     r.first(args.warmup)
     trace_dir = os.path.join(work_dir, "jax_trace")
@@ -139,6 +140,7 @@ def profile_jax(args, cfg, train, batch_np, work_dir: str) -> dict:
         **_section(what, wall, wall_untraced, times, args),
         "trace_dir": trace_dir,
         "host_vars": host_vars,
+        "runtime": extra["run"].runtime.describe(),
     }
 
 
@@ -180,12 +182,16 @@ def parse_args(argv=None):
     p.add_argument("--top", type=int, default=25, help="kernels listed per framework")
     p.add_argument("--no-torch", action="store_true", help="profile the JAX step only")
     p.add_argument(
-        "--conv-impl", default="auto", help="the JAX ResNet's model.conv_impl (see models/resnet.py)"
+        "--kernels",
+        choices=throughput.runtime_lib.KERNELS,
+        default=None,
+        help="runtime.kernels: the JAX ResNet's layer set (default: the config's, auto)",
     )
     p.add_argument("--keep-trace", action="store_true", help="keep the JAX trace under --out")
     p.add_argument("--out", default=None, help="write profile_<backbone>.md here")
     args = p.parse_args(argv)
-    # Fields that throughput.jax_runners / torch_runners read.
+    # Fields that throughput.make_config / jax_runners / torch_runners read.
+    args.malloc = None
     args.jax_variant = []
     args.torch_threads = None
     args.torch_alt_threads = None
@@ -197,14 +203,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
-    from cmil_jax import host_memory
-
-    host_memory.apply("auto")  # as cmil_jax.main and benchmarks.throughput do
+    cfg = throughput.make_config(args)
+    throughput.runtime_lib.apply_host_memory(cfg)  # before JAX starts, as cmil_jax.main does
     import jax
 
-    train, _ = throughput.import_train()
-    cfg, _ = throughput.make_config(args)
-    cfg.model.conv_impl = args.conv_impl
     batch_np = throughput.host_batch(args.batch, args.image_size)
     work = tempfile.mkdtemp(prefix="cmil_profile_")
     dev = jax.devices()[0]
@@ -213,12 +215,15 @@ def main(argv=None):
         f"{args.steps} traced steps; JAX on {dev.platform}: {dev.device_kind}"
     )
     throughput.log("profiling the JAX train step ...")
-    jax_res = profile_jax(args, cfg, train, batch_np, work)
+    jax_res = profile_jax(args, cfg, batch_np, work)
     sections = [("cmil_jax train step", jax_res)]
     if not args.no_torch:
         throughput.log("profiling the PyTorch twin's eager train step ...")
         twin = profile_torch(args, cfg, batch_np, jax_res.pop("host_vars"))
         sections.append(("PyTorch twin eager train step", twin))
+    described = jax_res["runtime"]
+    title += f", layers '{described['kernels']}'" + (
+        f", XLA options {described['compiler_options']}" if described["compiler_options"] else "")
     out = [f"## Step profile: {title}", ""]
     for name, res in sections:
         out += [

@@ -3,16 +3,22 @@
     python -m benchmarks.throughput --backbone resnet50 --image-size 256 --batch 128 \
         --json OUT.json \
         [--dtype bfloat16|float32] [--steps N] [--warmup N] [--windows N] [--no-compile] \
-        [--xla-onednn] [--no-infer] [--only RUNNER,...] \
+        [--kernels auto|xla|matmul|onednn] [--malloc auto|keep|default] \
+        [--no-infer] [--only RUNNER,...] \
         [--end-to-end [--e2e-data triples|single] [--e2e-workers N]] \
-        [--jax-variant NAME ...] [--torch-threads N] [--torch-alt-threads N]
+        [--jax-variant SPEC ...] [--torch-threads N] [--torch-alt-threads N]
     python -m benchmarks.throughput --report OUT.json ...      # markdown tables
 
+The config is cmil_jax.config_base.base_config() (the paper recipe) with the backbone, its
+width, the compute dtype, the image size and the runtime choices of the command line; the JAX
+model, state and jitted steps are those of training, `cmil_jax.train.setup(cfg)`, and the
+resolved runtime (ResNet layer set, XLA options) is recorded with the results.
+
 What is timed (device-resident batch, the same uint8 images and labels for both frameworks):
-  jax train        cmil_jax.train.make_train_step (jit, donated state, AdamW of cmil_jax.optim):
-                   forward, total_loss, backward, optimizer update, BatchNorm statistics.
-  jax infer        cmil_jax.train.make_eval_step (eval forward, probabilities, MIL fake
-                   probability, patch similarity map).
+  jax train        Setup.train_step (jit, donated state, AdamW of cmil_jax.optim): forward,
+                   total_loss, backward, optimizer update, BatchNorm statistics.
+  jax infer        Setup.eval_step (eval forward, probabilities, MIL fake probability, patch
+                   similarity map).
   torch eager / torch compiled train and infer
                    benchmarks/torch_twin.py: the same model, losses and AdamW (fused on GPU,
                    foreach on CPU), channels_last, bf16 autocast for --dtype bfloat16;
@@ -23,78 +29,43 @@ as compile time), then the runners take turns, window by window (``--windows`` r
 on a shared machine hits all of them alike. The device is synchronised before and after each
 window (block_until_ready / cuda.synchronize); figures are medians over the windows.
 
---end-to-end adds the rate of the real input pipeline (cmil_jax.data.pipeline, grain workers,
-decoding PNG records of synthetic faces, SBI pseudo-fakes synthesised on the host for the
-training triples, weak augmentation, DevicePrefetcher) feeding the same jitted step, in
-windows alternating with that step on one fixed device-resident batch of the same shape (the
-device-only rate). It needs grain.
+--end-to-end adds the rate of the real input pipeline feeding the same jitted step: the
+built-in synthetic TFDS data set (cmil_jax.data.synthetic_dataset, PNG records, built in a
+temporary directory at --image-size), read as training reads it (cmil_jax.data.inputs: grain
+workers, SBI pseudo-fakes synthesised on the host for the training triples, weak augmentation)
+through parallel.DevicePrefetcher, in windows alternating with that step on one fixed
+device-resident batch of the same shape (the device-only rate). It needs grain and TFDS.
 
-Experiments, alternated with the rest: ``--jax-variant`` times the same jitted train step
-compiled with other XLA:CPU options (XLA_CPU_VARIANTS) and/or with the convolutions computed
-another way (MODEL_EXPERIMENTS: 'conv_xla', 'conv_matmul', 'conv_im2col');
-``--torch-alt-threads 1`` times each torch runner again with torch.set_num_threads(1) during
-its windows. Besides images/s, each runner reports the
-process CPU time per step, which a shared machine's load disturbs much less than wall time.
-
-The JAX run uses the project's own code; the config comes from cmil_jax.config_base when
-ml_collections is importable, else from an identical plain namespace (DEFAULTS below).
+Experiments, alternated with the rest: ``--jax-variant SPEC`` times the train step of another
+runtime: SPEC is '+'-joined parts, each a preset (PRESETS: 'conv_xla', 'conv_matmul',
+'conv_onednn' = runtime.kernels, 'ynn_dot' = runtime.xla_cpu_conv 'eigen', and the raw XLA:CPU
+options of past experiments 'no_ynn', 'onednn_custom_call'), a runtime field
+('kernels=matmul', 'xla_cpu_conv=eigen') or a raw XLA option ('xla_cpu_enable_fast_math=true');
+e.g. 'conv_onednn+ynn_dot'. ``--torch-alt-threads 1`` times each torch runner again with
+torch.set_num_threads(1) during its windows. Besides images/s, each runner reports the process
+CPU time per step, which a shared machine's load disturbs much less than wall time.
 SIGTERM (e.g. from ``timeout``) stops the timing and reports the windows measured so far.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
-import functools
-import importlib
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import sys
+import tempfile
 import time
-import types
 
 import numpy as np
 
-# Paper recipe, the fields of cmil_jax.config_base that the model, optimizer and losses read.
-DEFAULTS = {
-    "model": dict(
-        backbone="resnet50",
-        backbone_width=64,
-        dilate_last=False,
-        width=384,
-        num_heads=6,
-        mlp_ratio=4.0,
-        embed_dim=128,
-        patch_pool="mean",
-        pool_temperature=1.0,
-        mil_bias_init=0.5,
-        num_class_tokens=5,
-        num_classes=5,
-        dtype="float32",
-        conv_impl="auto",
-    ),
-    "train": dict(
-        lr=1e-4,
-        backbone_lr_mult=0.1,
-        weight_decay=0.05,
-        warmup_steps=1000,
-        b1=0.9,
-        b2=0.999,
-        grad_clip=0.0,
-    ),
-    "loss": dict(
-        alpha=1.0,
-        lambda1=1.0,
-        lambda2=1.0,
-        tau=0.2,
-        num_lowest=0,
-        rank_order="first_high",
-        use_rank=True,
-    ),
-}
+from cmil_jax import runtime as runtime_lib  # before JAX: nothing here starts it
+
 TOTAL_STEPS = 100_000  # length of the LR schedule (only its shape matters here)
 RUNNERS = (
     "jax_train",
@@ -104,21 +75,49 @@ RUNNERS = (
     "torch_eager_infer",
     "torch_compiled_infer",
 )
-# XLA:CPU compiler options for --jax-variant (jaxlib 0.10: convolutions and dots go to YNNPACK
-# fusions by default; these switch them to XLA's own (Eigen) kernels or to oneDNN).
-XLA_CPU_VARIANTS = {
-    "onednn_custom_call": {"xla_cpu_experimental_onednn_custom_call": True},
-    # YNNPACK for dots only: convolutions go to XLA's Eigen kernels.
-    "ynn_dot": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
-    "no_ynn": {"xla_cpu_experimental_ynn_fusion_type": ""},
-    "no_ynn_onednn_custom_call": {
-        "xla_cpu_experimental_ynn_fusion_type": "",
-        "xla_cpu_experimental_onednn_custom_call": True,
-    },
+# Fields of the config's runtime section that a --jax-variant may set.
+RUNTIME_FIELDS = ("kernels", "xla_cpu_conv")
+# --jax-variant presets: (runtime fields, raw XLA compiler options).
+PRESETS = {
+    "conv_xla": ({"kernels": "xla"}, {}),
+    "conv_matmul": ({"kernels": "matmul"}, {}),
+    "conv_onednn": ({"kernels": "onednn"}, {}),
+    "ynn_dot": ({"xla_cpu_conv": "eigen"}, {}),  # YNNPACK for dots only, Eigen convolutions
+    # Past experiments (RESULTS.md): XLA's own kernels for everything YNNPACK would fuse; and
+    # oneDNN custom calls, with which jaxlib 0.10 compiles the identical program.
+    "no_ynn": ({}, {"xla_cpu_experimental_ynn_fusion_type": ""}),
+    "onednn_custom_call": ({}, {"xla_cpu_experimental_onednn_custom_call": True}),
 }
 # Not a preset: {"xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_fusion_type":
 # "LIBRARY_FUSION_TYPE_DOT"} aborts the process in the ResNet-50 step ("partition compile failed").
-DATA_MODULES_FOR_TRAIN = ("grain", "tensorflow_datasets", "array_record", "etils")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A --jax-variant: runtime fields set on the config and raw XLA options added."""
+
+    name: str
+    runtime: dict
+    xla_options: dict
+
+
+def parse_variant(spec: str) -> Variant:
+    """'conv_onednn+ynn_dot', 'kernels=matmul+xla_cpu_enable_fast_math=true', ... -> Variant."""
+    runtime, options = {}, {}
+    for part in spec.split("+"):
+        if part in PRESETS:
+            runtime.update(PRESETS[part][0])
+            options.update(PRESETS[part][1])
+        elif "=" in part:
+            key, value = part.split("=", 1)
+            if key in RUNTIME_FIELDS:
+                runtime[key] = value
+            else:
+                options[key] = {"true": True, "false": False}.get(value.lower(), value)
+        else:
+            raise SystemExit(f"unknown --jax-variant part {part!r}; presets: {sorted(PRESETS)}, "
+                             f"or FIELD=VALUE for a runtime field {RUNTIME_FIELDS} or XLA option")
+    return Variant(spec, runtime, options)
 
 
 class Interrupted(BaseException):
@@ -135,77 +134,42 @@ def log(*args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--backbone", default="resnet50")
-    p.add_argument(
-        "--backbone-width", type=int, default=None, help="ResNet base width (default: config)"
-    )
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
-    p.add_argument("--steps", type=int, default=10, help="steps per timed window")
-    p.add_argument(
-        "--warmup", type=int, default=3, help="untimed steps after the first (compiling) call"
-    )
-    p.add_argument(
-        "--windows", type=int, default=5, help="timed windows per runner (median reported)"
-    )
-    p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-    p.add_argument(
-        "--torch-compile-mode", default=None, help="torch.compile mode (default: inductor default)"
-    )
-    p.add_argument(
-        "--torch-threads",
-        type=int,
-        default=None,
-        help="torch.set_num_threads (default: torch's own default, one per core)",
-    )
-    p.add_argument(
-        "--malloc",
-        choices=("auto", "keep", "default"),
-        default="auto",
-        help="host memory of the process (both frameworks): 'keep' = cmil_jax.host_memory."
-        "keep_freed_memory(), 'default' = glibc's settings, 'auto' = 'keep' where JAX runs on "
-        "the CPU (what cmil_jax.main does)",
-    )
-    p.add_argument(
-        "--xla-onednn",
-        action="store_true",
-        help="add --xla_cpu_experimental_onednn_custom_call=true to XLA_FLAGS (CPU)",
-    )
-    p.add_argument(
-        "--jax-variant",
-        action="append",
-        default=[],
-        metavar="NAME[=KEY=VAL;...]",
-        help="also time the JAX train step compiled with these XLA options (repeatable; "
-        f"presets: {', '.join(list(XLA_CPU_VARIANTS) + list(MODEL_EXPERIMENTS))})",
-    )
-    p.add_argument(
-        "--torch-alt-threads",
-        type=int,
-        default=None,
-        help="CPU: also time each torch runner with this many threads (switched per window)",
-    )
-    p.add_argument("--no-infer", action="store_true", help="training step only")
-    p.add_argument("--only", default=None, help="comma list of runners to time (default: all)")
-    p.add_argument("--end-to-end", action="store_true", help="also time the grain input pipeline")
-    p.add_argument(
-        "--e2e-data",
-        choices=("triples", "single"),
-        default="triples",
-        help="end-to-end batches: training triples with host SBI, or single images",
-    )
-    p.add_argument("--e2e-workers", type=int, default=None, help="grain worker processes")
-    p.add_argument("--e2e-examples", type=int, default=256, help="distinct synthetic records")
-    p.add_argument("--e2e-steps", type=int, default=None, help="steps per end-to-end window")
-    p.add_argument("--json", default=None, help="write the results here")
-    p.add_argument(
-        "--report",
-        nargs="+",
-        default=None,
-        metavar="JSON",
-        help="print the markdown tables of earlier --json results and exit",
-    )
+    add = p.add_argument
+    add("--backbone", default="resnet50")
+    add("--backbone-width", type=int, default=None, help="ResNet base width (default: config)")
+    add("--image-size", type=int, default=256)
+    add("--batch", type=int, default=128)
+    add("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    add("--steps", type=int, default=10, help="steps per timed window")
+    add("--warmup", type=int, default=3, help="untimed steps after the first (compiling) call")
+    add("--windows", type=int, default=5, help="timed windows per runner (median reported)")
+    add("--no-compile", action="store_true", help="skip torch.compile")
+    add("--torch-compile-mode", default=None, help="torch.compile mode (default: inductor's)")
+    add("--torch-threads", type=int, default=None,
+        help="torch.set_num_threads (default: torch's own default, one per core)")
+    add("--kernels", choices=runtime_lib.KERNELS, default=None,
+        help="runtime.kernels of the JAX runners (default: the config's, auto)")
+    add("--malloc", choices=runtime_lib.HOST_MALLOC, default=None,
+        help="runtime.host_malloc, the host memory of the process (both frameworks): 'keep' = "
+        "reuse freed memory, 'default' = glibc's settings, 'auto' (the config's) = 'keep' where "
+        "JAX runs on the CPU")
+    add("--jax-variant", action="append", default=[], metavar="SPEC",
+        help="also time the JAX train step of another runtime (repeatable; '+'-joined presets "
+        f"{', '.join(PRESETS)}, or FIELD=VALUE for runtime.{{{','.join(RUNTIME_FIELDS)}}} or a "
+        "raw XLA option)")
+    add("--torch-alt-threads", type=int, default=None,
+        help="CPU: also time each torch runner with this many threads (switched per window)")
+    add("--no-infer", action="store_true", help="training step only")
+    add("--only", default=None, help="comma list of runners to time (default: all)")
+    add("--end-to-end", action="store_true", help="also time the training input pipeline")
+    add("--e2e-data", choices=("triples", "single"), default="triples",
+        help="end-to-end batches: training triples with host SBI, or single images")
+    add("--e2e-workers", type=int, default=None, help="grain worker processes")
+    add("--e2e-examples", type=int, default=256, help="synthetic training records")
+    add("--e2e-steps", type=int, default=None, help="steps per end-to-end window")
+    add("--json", default=None, help="write the results here")
+    add("--report", nargs="+", default=None, metavar="JSON",
+        help="print the markdown tables of earlier --json results and exit")
     args = p.parse_args(argv)
     args.jax_variant = [parse_variant(v) for v in args.jax_variant]
     return args
@@ -236,80 +200,39 @@ def versions() -> dict:
     return out
 
 
-def import_train():
-    """cmil_jax.train, with stand-ins for its data imports when grain/TFDS are not installed.
-
-    make_train_step, make_eval_step, create_state and build_model do not use the data modules,
-    so a GPU image without grain/TFDS can still time them. The stand-ins raise AttributeError
-    on any use except ``sources.DataError`` (imported by cmil_jax.faults at module level); the
-    real pipeline module (grain and OpenCV only) is kept where it imports.
-    Returns (module, note or None).
-    """
-    try:
-        from cmil_jax import train
-
-        return train, None
-    except ModuleNotFoundError as e:
-        if (e.name or "").split(".")[0] not in DATA_MODULES_FOR_TRAIN:
-            raise
-        missing = e.name
-
-    class Unavailable(types.ModuleType):
-        def __getattr__(self, attr):
-            if attr.startswith("__"):
-                raise AttributeError(attr)
-            # AttributeError, as for any missing attribute: torch.compile probes modules.
-            raise AttributeError(f"{self.__name__}.{attr} is unavailable: {missing} is not installed")
-
-    for name in ("cmil_jax.data.pipeline", "cmil_jax.data.sources"):
-        if name in sys.modules:
-            continue
-        try:  # the pipeline needs grain only (the end-to-end figure uses it), sources TFDS too
-            importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if (e.name or "").split(".")[0] not in DATA_MODULES_FOR_TRAIN:
-                raise
-            sys.modules[name] = Unavailable(name)
-    sys.modules["cmil_jax.data.sources"].DataError = type("DataError", (ValueError,), {})
-    for name in ("cmil_jax.train", "cmil_jax.faults"):
-        sys.modules.pop(name, None)
-    from cmil_jax import train
-
-    stand_ins = [n for n in ("cmil_jax.data.pipeline", "cmil_jax.data.sources")
-                 if isinstance(sys.modules.get(n), Unavailable)]
-    note = (
-        f"{missing} is not installed: cmil_jax.train was imported with stand-ins for "
-        f"{', '.join(stand_ins)} (unused by the timed steps)"
-    )
-    log("note:", note)
-    return train, note
-
-
 def make_config(args):
-    """(config namespace with .seed/.model/.train/.loss, where it came from)."""
-    try:
-        from cmil_jax import config_base
+    """base_config() with the command line's backbone, width, dtype, image size and runtime."""
+    from cmil_jax import config_base  # pylint: disable=import-outside-toplevel
 
-        base = config_base.base_config()
-        parts = {k: base[k].to_dict() for k in ("model", "train", "loss")}
-        source = "cmil_jax.config_base.base_config()"
-    except ImportError:
-        parts = {k: dict(v) for k, v in DEFAULTS.items()}
-        source = "benchmarks.throughput.DEFAULTS (ml_collections not installed)"
-    parts["model"].update(backbone=args.backbone, dtype=args.dtype)
+    cfg = config_base.base_config()
+    cfg.model.backbone = args.backbone
+    cfg.model.dtype = args.dtype
     if args.backbone_width:
-        parts["model"]["backbone_width"] = args.backbone_width
-    cfg = types.SimpleNamespace(seed=0, **{k: types.SimpleNamespace(**v) for k, v in parts.items()})
-    return cfg, source
+        cfg.model.backbone_width = args.backbone_width
+    cfg.data.image_size = args.image_size
+    if args.kernels:
+        cfg.runtime.kernels = args.kernels
+    if args.malloc:
+        cfg.runtime.host_malloc = args.malloc
+    return cfg
+
+
+def variant_config(cfg, variant: Variant):
+    """A copy of cfg with the variant's runtime fields."""
+    out = cfg.copy_and_resolve_references()
+    out.runtime.update(variant.runtime)
+    return out
 
 
 def host_batch(batch: int, size: int, seed: int = 0) -> dict:
     """A training batch as the pipeline yields it (contract keys and dtypes)."""
+    from cmil_jax import labels  # pylint: disable=import-outside-toplevel
+
     rng = np.random.default_rng(seed)
-    label = np.zeros((batch, 5), np.int32)
+    label = np.zeros((batch, labels.MAX_LEN), np.int32)
     for i in range(batch):
         n = int(rng.integers(0, 4))
-        label[i, :n] = rng.permutation(np.arange(1, 6))[:n]
+        label[i, :n] = rng.permutation(np.arange(1, labels.NUM_CLASSES + 1))[:n]
     return {
         "image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
         "label": label,
@@ -391,82 +314,36 @@ class Runner:
         }
 
 
-# Model variants for --jax-variant: the same variables, convolutions computed another way
-# (cmil_jax.models.resnet.CONV_IMPLS; the default config's 'auto' is 'matmul' on CPU, 'xla' on
-# GPU).
-MODEL_EXPERIMENTS = {
-    "conv_xla": {"conv_impl": "xla"},
-    "conv_matmul": {"conv_impl": "matmul"},
-    "conv_im2col": {"conv_impl": "im2col"},
-    "conv_onednn": {"conv_impl": "onednn"},
-}
-
-
-def parse_variant(spec: str):
-    """-> (name, XLA compiler options, model experiment name or None).
-
-    spec: '+'-joined presets of XLA_CPU_VARIANTS / MODEL_EXPERIMENTS (e.g. 'conv_xla+ynn_dot'),
-    or 'name=key=value;key=value' with raw XLA options.
-    """
-    if "=" not in spec:
-        options, experiment = {}, None
-        for part in spec.split("+"):
-            if part in XLA_CPU_VARIANTS:
-                options.update(XLA_CPU_VARIANTS[part])
-            elif part in MODEL_EXPERIMENTS:
-                experiment = part
-            elif part != "default":
-                raise SystemExit(
-                    f"unknown --jax-variant part {part!r}; presets: "
-                    f"{sorted(XLA_CPU_VARIANTS) + sorted(MODEL_EXPERIMENTS)}"
-                )
-        return spec, options, experiment
-    name, rest = spec.split("=", 1)
-    options = {}
-    for item in filter(None, rest.split(";")):
-        key, value = item.split("=", 1)
-        options[key] = {"true": True, "false": False}.get(value.lower(), value)
-    return name, options, None
-
-
-def jax_runners(train, cfg, args, batch_np, want):
+def jax_runners(cfg, args, batch_np, want):
+    """The JAX runners on train.setup(cfg)'s jitted steps -> (runners, host variables, extra)."""
     import jax
 
-    from cmil_jax import optim, parallel
+    from cmil_jax import parallel, train
 
-    mesh = parallel.make_mesh()
-    batch_sharding = parallel.batch_sharding(mesh)
-    model = train.build_model(cfg.model)
-    if getattr(cfg.model, "conv_impl", None):
-        model = model.clone(conv_impl=cfg.model.conv_impl)
-    tx_fn = functools.partial(optim.make_optimizer, cfg.train, TOTAL_STEPS)
+    run = train.setup(cfg, TOTAL_STEPS)
     t = time.perf_counter()
-    state, state_shardings = train.create_state(cfg, model, tx_fn, mesh, args.image_size)
+    state = run.init_state()
     jax.block_until_ready(state)
     init_s = time.perf_counter() - t
-    tx = tx_fn(state.params)
-    train_step = train.make_train_step(model, tx, cfg.loss, state_shardings, batch_sharding)
-    var_shardings = {"params": state_shardings.params, "batch_stats": state_shardings.batch_stats}
-    eval_step = train.make_eval_step(model, cfg.loss, var_shardings, batch_sharding)
 
-    batch = parallel.to_global(batch_np, batch_sharding)
+    batch = parallel.to_global(batch_np, run.batch_sharding)
     eval_batch = {"image": batch["image"]}
     host_vars = jax.device_get(state.variables())
-    # The train step donates its state: inference and each compiler variant get their own copy.
+    # The train step donates its state: inference and each variant get their own copy (every
+    # runtime's layers create the same variables).
     infer_vars = jax.tree.map(lambda x: x.copy(), state.variables())
-    variant_states = {
-        name: jax.tree.map(lambda x: x.copy(), state) for name, _, _ in args.jax_variant
-    }
+    variant_states = {v.name: jax.tree.map(lambda x: x.copy(), state) for v in args.jax_variant}
     ctx = {"state": state, "metrics": None, "out": None}
+    variant_runtimes = {}
 
     def train_call():
-        ctx["state"], ctx["metrics"] = train_step(ctx["state"], batch)
+        ctx["state"], ctx["metrics"] = run.train_step(ctx["state"], batch)
 
     def train_sync():
         jax.block_until_ready((ctx["state"], ctx["metrics"]))
 
     def infer_call():
-        ctx["out"] = eval_step(infer_vars, eval_batch)
+        ctx["out"] = run.eval_step(infer_vars, eval_batch)
 
     def infer_sync():
         jax.block_until_ready(ctx["out"])
@@ -475,23 +352,18 @@ def jax_runners(train, cfg, args, batch_np, want):
     b = args.batch
     if "jax_train" in want:
         runners["jax_train"] = Runner("jax_train", train_call, train_sync, b)
-        for name, options, experiment in args.jax_variant:
-            # The same jitted train step, compiled ahead of time with other XLA options (and,
-            # for a model experiment, traced anew with the experiment active).
-            v = {"state": variant_states[name], "metrics": None, "exe": None}
+        for variant in args.jax_variant:
+            # The train step of the variant's runtime, compiled ahead of time (with its raw
+            # XLA options added to the runtime's).
+            v = {"state": variant_states[variant.name], "metrics": None, "exe": None}
 
-            def prepare(v=v, options=options, experiment=experiment):
-                step_fn = train_step
-                if experiment:
-                    step_fn = train.make_train_step(
-                        model.clone(**MODEL_EXPERIMENTS[experiment]),
-                        tx,
-                        cfg.loss,
-                        state_shardings,
-                        batch_sharding,
-                    )
-                lowered = step_fn.lower(v["state"], batch)
-                v["exe"] = lowered.compile(compiler_options=options or None)
+            def prepare(v=v, variant=variant):
+                vrun = train.setup(variant_config(cfg, variant), TOTAL_STEPS, mesh=run.mesh)
+                described = vrun.runtime.describe()  # with the raw XLA options added
+                described["compiler_options"].update(variant.xla_options)
+                variant_runtimes[variant.name] = described
+                lowered = vrun.train_step.lower(v["state"], batch)
+                v["exe"] = lowered.compile(compiler_options=variant.xla_options or None)
 
             def call(v=v):
                 v["state"], v["metrics"] = v["exe"](v["state"], batch)
@@ -499,17 +371,15 @@ def jax_runners(train, cfg, args, batch_np, want):
             def sync(v=v):
                 jax.block_until_ready((v["state"], v["metrics"]))
 
-            runners[f"jax_train@{name}"] = Runner(
-                f"jax_train@{name}", call, sync, b, prepare=prepare
-            )
+            name = f"jax_train@{variant.name}"
+            runners[name] = Runner(name, call, sync, b, prepare=prepare)
     if "jax_infer" in want:
         runners["jax_infer"] = Runner("jax_infer", infer_call, infer_sync, b)
     extra = {
         "init_s": init_s,
-        "train_step": train_step,
+        "run": run,
         "ctx": ctx,
-        "mesh": mesh,
-        "batch_sharding": batch_sharding,
+        "variant_runtimes": variant_runtimes,
     }
     return runners, host_vars, extra
 
@@ -518,6 +388,7 @@ def torch_runners(cfg, args, batch_np, flax_vars, want):
     import torch
 
     from benchmarks import torch_twin as tt
+    from cmil_jax import losses
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -531,8 +402,8 @@ def torch_runners(cfg, args, batch_np, flax_vars, want):
     model = tt.model_from_config(cfg.model, args.image_size)
     tt.load_from_flax(model, flax_vars)
     model = model.to(device, memory_format=torch.channels_last)
-    opt, sched = tt.optimizer_from_config(model, cfg.train, TOTAL_STEPS)
-    loss_kwargs = tt.loss_kwargs_from_config(cfg.loss)
+    opt, sched = tt.make_optimizer(model, cfg.train, TOTAL_STEPS)
+    loss_kwargs = losses.loss_kwargs(cfg.loss)
     batch = {k: torch.from_numpy(v).to(device) for k, v in batch_np.items() if k != "mask"}
     compile_kwargs = {"mode": args.torch_compile_mode} if args.torch_compile_mode else {}
     ctx = {}
@@ -547,28 +418,15 @@ def torch_runners(cfg, args, batch_np, flax_vars, want):
         if compiled and args.no_compile:
             continue
         if f"torch_{kind}_train" in want:
-            step = tt.make_train_step(
-                model,
-                opt,
-                sched,
-                loss_kwargs,
-                amp_dtype=amp,
-                compile=compiled,
-                compile_kwargs=compile_kwargs,
-            )
+            step = tt.make_train_step(model, opt, sched, loss_kwargs, amp_dtype=amp,
+                                      compile=compiled, compile_kwargs=compile_kwargs)
             fns[f"torch_{kind}_train"] = lambda step=step: ctx.__setitem__("m", step(batch))
         if f"torch_{kind}_infer" in want:
-            infer = tt.make_eval_step(
-                model,
-                tau=loss_kwargs["tau"],
-                num_lowest=loss_kwargs["num_lowest"],
-                amp_dtype=amp,
-                compile=compiled,
-                compile_kwargs=compile_kwargs,
-            )
+            infer = tt.make_eval_step(model, tau=loss_kwargs["tau"],
+                                      num_lowest=loss_kwargs["num_lowest"], amp_dtype=amp,
+                                      compile=compiled, compile_kwargs=compile_kwargs)
             fns[f"torch_{kind}_infer"] = lambda infer=infer: ctx.__setitem__(
-                "o", infer(batch["image"])
-            )
+                "o", infer(batch["image"]))
 
     runners = {}
     for name, fn in fns.items():
@@ -576,73 +434,13 @@ def torch_runners(cfg, args, batch_np, flax_vars, want):
         if args.torch_alt_threads and not cuda:
             n = args.torch_alt_threads
             runners[f"{name}@{n}t"] = Runner(
-                f"{name}@{n}t",
-                fn,
-                sync,
-                args.batch,
-                enter=lambda n=n: torch.set_num_threads(n),
-                leave=lambda: torch.set_num_threads(default_threads),
-            )
+                f"{name}@{n}t", fn, sync, args.batch, enter=lambda n=n: torch.set_num_threads(n),
+                leave=lambda: torch.set_num_threads(default_threads))
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
     return runners, {"device": device_name, "threads": default_threads}
 
 
 # ---------------------------------------------------------------------------- end to end
-
-
-class SyntheticPNGSource:
-    """n synthetic faces held as PNG bytes and decoded on access, as RecordSource does.
-
-    ``source[i]`` -> dict image uint8 (S,S,3) RGB, mask uint8 (S,S), label int32 (5,),
-    landmarks float32 (68,2), is_fake int32.
-    """
-
-    def __init__(
-        self, n: int, image_size: int = 256, subset: str = "facial_attributes", seed: int = 0
-    ):
-        import cv2
-
-        from cmil_jax.data import synthetic
-
-        png = [int(cv2.IMWRITE_PNG_COMPRESSION), 1]
-        self.records = []
-        for i in range(n):
-            ex = synthetic.generate_example(subset, i, seed, image_size)
-            image = cv2.imencode(".png", cv2.cvtColor(ex["image"], cv2.COLOR_RGB2BGR), png)[
-                1
-            ].tobytes()
-            mask = cv2.imencode(".png", ex["mask"], png)[1].tobytes()
-            self.records.append(
-                (
-                    image,
-                    mask,
-                    np.asarray(ex["label"], np.int32),
-                    np.asarray(ex["landmarks"], np.float32),
-                )
-            )
-
-    def __len__(self):
-        return len(self.records)
-
-    def labels(self):
-        """int32 (N, 5) labels without decoding (the triple pipeline's genuine/fake lists)."""
-        return np.stack([r[2] for r in self.records])
-
-    def __getitem__(self, index):
-        import cv2
-
-        image, mask, label, landmarks = self.records[int(index)]
-        image = cv2.cvtColor(
-            cv2.imdecode(np.frombuffer(image, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB
-        )
-        mask = cv2.imdecode(np.frombuffer(mask, np.uint8), cv2.IMREAD_UNCHANGED)
-        return {
-            "image": image,
-            "mask": mask,
-            "label": label,
-            "landmarks": landmarks,
-            "is_fake": np.int32(label.any()),
-        }
 
 
 class FirstImages:
@@ -664,67 +462,63 @@ class FirstImages:
         self.iterator.close()
 
 
-def end_to_end(args, jax_extra):
-    """images/s of grain pipeline -> DevicePrefetcher -> the jitted train step, against the same
-    step on one fixed device-resident batch of the same shape (windows alternate).
+def end_to_end(args, cfg, jax_extra):
+    """images/s of the training input pipeline -> DevicePrefetcher -> the jitted train step,
+    against the same step on one fixed device-resident batch of the same shape (windows
+    alternate).
 
-    ``--e2e-data triples`` (default): training triples as the Seq-DeepFake configs train on them
-    (pipeline.make_triple_train_dataset: genuine image, its SBI pseudo-fake synthesised on the
-    host, a dataset fake). ceil(batch / 3) triples per step, cut to the first ``--batch``
-    images, so the step keeps the shape it was compiled for (batch 128: 43 triples, 129
-    images made, 128 used; the host does slightly more work than it delivers).
-    ``single``: pipeline.make_train_dataset, ``--batch`` single images.
+    The data: the built-in synthetic data set ('cmil_synthetic/<subset>', ``--e2e-examples``
+    training records at --image-size), opened and iterated by cmil_jax.data.inputs as training
+    does. ``--e2e-data triples`` (default): training triples as the Seq-DeepFake configs train
+    on them (genuine image, its SBI pseudo-fake synthesised on the host, a dataset fake),
+    ceil(batch / 3) triples per step, cut to the first ``--batch`` images, so the step keeps
+    the shape it was compiled for (batch 128: 43 triples, 129 images made, 128 used; the host
+    does slightly more work than it delivers). ``single``: ``--batch`` single images.
     """
     import jax
 
     from cmil_jax import parallel
 
     try:
-        from cmil_jax.data import pipeline
-
-        pipeline.make_triple_train_dataset  # noqa: B018  (a stand-in raises AttributeError)
-    except (ImportError, AttributeError) as e:
-        return {"error": f"end-to-end needs the grain pipeline: {e}"}
-    workers = (
-        args.e2e_workers
-        if args.e2e_workers is not None
-        else max(1, min(16, (os.cpu_count() or 2) - 2))
-    )
+        from cmil_jax.data import inputs
+    except ImportError as e:
+        return {"error": f"end-to-end needs the data stack (grain, tensorflow_datasets): {e}"}
+    workers = args.e2e_workers
+    if workers is None:
+        workers = max(1, min(16, (os.cpu_count() or 2) - 2))
     triples = args.e2e_data == "triples"
-    t = time.perf_counter()
-    source = SyntheticPNGSource(args.e2e_examples, image_size=256)
-    build_s = time.perf_counter() - t
-    common = dict(seed=0, image_size=args.image_size, shard=False, num_workers=workers, prefetch=4)
-    images = args.batch
-    if triples:
-        per_step = -(-args.batch // 3)
-        ds = pipeline.make_triple_train_dataset(
-            source, batch_size=per_step, sbi_labels="masked", **common
-        )
-        made = 3 * per_step
-    else:
-        ds = pipeline.make_train_dataset(source, batch_size=args.batch, **common)
-        per_step = made = args.batch
-    it = FirstImages(iter(ds), images)
-    batches = parallel.DevicePrefetcher(it, jax_extra["batch_sharding"], size=2)
-    ctx, step = jax_extra["ctx"], jax_extra["train_step"]
-    t = time.perf_counter()
-    fixed = next(batches)  # starts the workers; also the device-only runner's batch
-    startup_s = time.perf_counter() - t
-
-    def fed_call():
-        ctx["state"], ctx["metrics"] = step(ctx["state"], next(batches))
-
-    def fixed_call():
-        ctx["state"], ctx["metrics"] = step(ctx["state"], fixed)
-
-    def sync():
-        jax.block_until_ready((ctx["state"], ctx["metrics"]))
-
-    device_only = Runner("jax_train_device_only", fixed_call, sync, images)
-    fed = Runner("jax_train_end_to_end", fed_call, sync, images)
-    steps = args.e2e_steps or 2 * args.steps
+    per_step = -(-args.batch // 3) if triples else args.batch
+    e2e_cfg = cfg.copy_and_resolve_references()
+    data = e2e_cfg.data
+    data.name, data.data_dir, data.triples, data.num_workers = (
+        f"cmil_synthetic/{data.subset}", "", triples, workers)
+    data.synthetic.update(num_train=args.e2e_examples, num_val=0, num_test=0)
+    e2e_cfg.train.batch_size = per_step
+    workdir = tempfile.mkdtemp(prefix="cmil_e2e_")  # the records are built in <workdir>/data
+    batches = None
     try:
+        t = time.perf_counter()
+        source = inputs.open_splits(e2e_cfg, workdir, ("train",))["train"]
+        build_s = time.perf_counter() - t
+        it = FirstImages(inputs.train_iterator(e2e_cfg, source), args.batch)
+        batches = parallel.DevicePrefetcher(it, jax_extra["run"].batch_sharding, size=2)
+        ctx, step = jax_extra["ctx"], jax_extra["run"].train_step
+        t = time.perf_counter()
+        fixed = next(batches)  # starts the workers; also the device-only runner's batch
+        startup_s = time.perf_counter() - t
+
+        def fed_call():
+            ctx["state"], ctx["metrics"] = step(ctx["state"], next(batches))
+
+        def fixed_call():
+            ctx["state"], ctx["metrics"] = step(ctx["state"], fixed)
+
+        def sync():
+            jax.block_until_ready((ctx["state"], ctx["metrics"]))
+
+        device_only = Runner("jax_train_device_only", fixed_call, sync, args.batch)
+        fed = Runner("jax_train_end_to_end", fed_call, sync, args.batch)
+        steps = args.e2e_steps or 2 * args.steps
         device_only.first(args.warmup)  # the step is compiled already (same shapes)
         # Every worker's first batches (on an H100 the first fed window after a shorter
         # warm-up ran at 5% of the later ones).
@@ -733,12 +527,14 @@ def end_to_end(args, jax_extra):
             for r in (fed, device_only) if w % 2 else (device_only, fed):
                 r.window(steps)
     finally:
-        batches.close()
+        if batches is not None:
+            batches.close()
+        shutil.rmtree(workdir, ignore_errors=True)
     rate, device_rate = fed.median(), device_only.median()
     return {
         "data": "triples" if triples else "single",
-        "images_per_step": images,
-        "images_made_per_step": made,
+        "images_per_step": args.batch,
+        "images_made_per_step": 3 * per_step if triples else per_step,
         ("triples_per_step" if triples else "records_per_step"): per_step,
         "jax_train_end_to_end_images_per_sec": rate,
         "jax_train_device_only_images_per_sec": device_rate,
@@ -752,12 +548,9 @@ def end_to_end(args, jax_extra):
         "records": args.e2e_examples,
         "records_build_s": build_s,
         "pipeline_first_batch_s": startup_s,
-        "pipeline": (
-            "cmil_jax.data.pipeline.make_triple_train_dataset (PNG decode, SBI on the host, "
-            "weak augmentation)"
-            if triples
-            else "cmil_jax.data.pipeline.make_train_dataset (PNG decode, weak augmentation)"
-        ),
+        "pipeline": "cmil_jax.data.inputs.train_iterator on the synthetic TFDS records ("
+        + ("triples: PNG decode, SBI on the host" if triples else "single images: PNG decode")
+        + ", weak augmentation)",
     }
 
 
@@ -765,15 +558,15 @@ def end_to_end(args, jax_extra):
 
 
 def run(args) -> dict:
-    if args.xla_onednn:
-        flag = "--xla_cpu_experimental_onednn_custom_call=true"
-        if flag not in os.environ.get("XLA_FLAGS", ""):
-            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
     # JAX and PyTorch share one GPU here: do not let JAX preallocate 75% of it.
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
-    from cmil_jax import host_memory
-
-    malloc_kept = host_memory.apply(args.malloc)  # before JAX starts its backend threads
+    cfg = make_config(args)
+    try:
+        for variant in args.jax_variant:
+            runtime_lib.check(variant_config(cfg, variant).runtime)
+    except runtime_lib.ConfigError as e:
+        raise SystemExit(f"--jax-variant: {e}") from e
+    malloc_kept = runtime_lib.apply_host_memory(cfg)  # before JAX starts its backend threads
 
     import jax
 
@@ -785,15 +578,13 @@ def run(args) -> dict:
         raise SystemExit(f"unknown runners {sorted(unknown)}; choose from {RUNNERS}")
 
     load_before = os.getloadavg()
-    train, import_note = import_train()
-    cfg, config_source = make_config(args)
     batch_np = host_batch(args.batch, args.image_size)
 
     log(
         f"building JAX state ({args.backbone}, {args.image_size}px, batch {args.batch}, "
         f"{args.dtype})"
     )
-    runners, flax_vars, jax_extra = jax_runners(train, cfg, args, batch_np, want)
+    runners, flax_vars, jax_extra = jax_runners(cfg, args, batch_np, want)
     torch_info, torch_error = {}, None
     if any(r.startswith("torch") for r in want):
         try:
@@ -816,7 +607,7 @@ def run(args) -> dict:
             log(f"{name}: first call (compile) ...")
             try:
                 r.first(args.warmup)
-            except Exception as e:  # torch.compile / XLA option failures are reported, not fatal
+            except Exception as e:  # torch.compile and variant failures are reported, not fatal
                 if not (name.startswith("torch_compiled") or "@" in name):
                     raise
                 compile_errors[name] = f"{type(e).__name__}: {e}"[:2000]
@@ -850,7 +641,7 @@ def run(args) -> dict:
             e2e = {"error": "needs the jax_train runner"}
             if "jax_train" in runners:
                 log("end to end: building records and starting grain workers ...")
-                e2e = end_to_end(args, jax_extra)
+                e2e = end_to_end(args, cfg, jax_extra)
         warm(costly)
         for w in range(args.windows):
             window_round(w)
@@ -883,10 +674,10 @@ def run(args) -> dict:
         "steps_per_window": args.steps,
         "windows": args.windows,
         "warmup": args.warmup,
-        "config_source": config_source,
-        "import_note": import_note,
         "jax_init_s": jax_extra["init_s"],
         "malloc": "keep_freed_memory" if malloc_kept else "default",
+        "runtime": jax_extra["run"].runtime.describe(),
+        "config": cfg.to_dict(),
     }
     for name in RUNNERS:
         result[f"{name}_images_per_sec"] = rate(name)
@@ -900,8 +691,9 @@ def run(args) -> dict:
     result["errors"] = compile_errors
     result["torch_error"] = torch_error
     result["jax_variants"] = {
-        name: {"xla_options": options, "model_experiment": experiment}
-        for name, options, experiment in args.jax_variant
+        v.name: {"runtime_fields": v.runtime, "xla_options": v.xla_options,
+                 "runtime": jax_extra["variant_runtimes"].get(v.name)}
+        for v in args.jax_variant
     }
     result["runners"] = {n: runners[n].summary() for n in order}
 
@@ -973,6 +765,10 @@ def format_table(result) -> str:
         f"loadavg {r['loadavg_before'][0]:.2f} -> {r['loadavg_after'][0]:.2f}; "
         f"malloc {r.get('malloc', 'default')}"
     )
+    if r.get("runtime"):  # results from before the runtime section have none
+        options = r["runtime"]["compiler_options"]
+        header += f"; JAX layers '{r['runtime']['kernels']}'" + (
+            f", XLA options {options}" if options else "")
     lines = [header, *rows, ""]
     if e2e and "error" in e2e:
         lines.append(f"end to end: {e2e['error']}")

@@ -5,7 +5,8 @@ bf16 autocast and fused AdamW on GPU, foreach AdamW on CPU, optional ``torch.com
 computing exactly what ``cmil_jax.models.CMIL`` and ``cmil_jax.losses.total_loss`` compute, so
 that the throughput comparison in ``benchmarks/throughput.py`` is like for like.
 
-    model = CMIL('resnet50', image_size=256).to(device, memory_format=torch.channels_last)
+    model = CMIL(image_size=256, backbone='resnet50')  # keywords of cmil_jax.models.CMIL
+    model = model.to(device, memory_format=torch.channels_last)
     load_from_flax(model, flax_variables)            # optional: same weights as a Flax model
     out = model(images_nhwc_uint8)                    # dict, same keys and shapes as cmil_jax
     loss, terms = total_loss(out, batch, tau=0.2)     # same value as cmil_jax.losses.total_loss
@@ -16,7 +17,12 @@ normalisation happens inside the model. The position embedding is created for th
 size of ``image_size`` (as the Flax model does at init), so a model runs at one image size.
 
 Parameter names follow torchvision for the backbone (``backbone.layer3.4.conv2.weight``) and
-timm for the transformer layer (``encoder.attn.qkv``: q, k and v in one Linear).
+timm for the transformer layer (``encoder.attn.qkv``: q, k and v in one Linear). The
+hyper-parameters and constants (model defaults, ImageNet statistics, LayerNorm and BatchNorm
+settings, the backbones' stages, the weight-decay exclusions, the learning-rate schedule) are
+cmil_jax's, and the weights are mapped with cmil_jax.convert's torchvision names; the model's
+computation, the losses (as cmil_jax.losses) and the optimizer step are written again, in
+PyTorch.
 """
 
 from __future__ import annotations
@@ -29,11 +35,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-LN_EPS = 1e-6
-EMB_EPS = 1e-6
-NO_DECAY_NAMES = ("pos_embed", "class_tokens", "mil_bias")
+from cmil_jax import convert, models
+from cmil_jax.models import resnet
+from cmil_jax.models.cmil import EMB_EPS, IMAGENET_MEAN, IMAGENET_STD, LN_EPS
+from cmil_jax.optim import NO_DECAY_NAMES
+
+
+def batch_norm(channels: int) -> nn.BatchNorm2d:
+    """BatchNorm2d with cmil_jax's settings (resnet.BN_EPS; PyTorch's momentum is 1 - Flax's)."""
+    return nn.BatchNorm2d(channels, eps=resnet.BN_EPS, momentum=1.0 - resnet.BN_MOMENTUM)
+
 
 # ============================================================================ backbone
 
@@ -46,9 +57,9 @@ class BasicBlock(nn.Module):
     def __init__(self, inplanes, planes, stride=1, downsample=None, dilation=1):
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, dilation, dilation, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = batch_norm(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, dilation, dilation, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = batch_norm(planes)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
@@ -67,11 +78,11 @@ class Bottleneck(nn.Module):
     def __init__(self, inplanes, planes, stride=1, downsample=None, dilation=1):
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = batch_norm(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride, dilation, dilation, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = batch_norm(planes)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.bn3 = batch_norm(planes * 4)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
@@ -90,7 +101,7 @@ class ResNet(nn.Module):
         super().__init__()
         self.inplanes, self.dilation = width, 1
         self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
+        self.bn1 = batch_norm(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         self.layer1 = self._make_layer(block, width, layers[0])
@@ -111,7 +122,7 @@ class ResNet(nn.Module):
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = nn.Sequential(
                 nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
-                nn.BatchNorm2d(planes * block.expansion),
+                batch_norm(planes * block.expansion),
             )
         layers = [block(self.inplanes, planes, stride, downsample, previous_dilation)]
         self.inplanes = planes * block.expansion
@@ -123,19 +134,13 @@ class ResNet(nn.Module):
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
-BACKBONES = {
-    "resnet10": (BasicBlock, (1, 1, 1, 1)),
-    "resnet18": (BasicBlock, (2, 2, 2, 2)),
-    "resnet34": (BasicBlock, (3, 4, 6, 3)),
-    "resnet50": (Bottleneck, (3, 4, 6, 3)),
-}
-
-
 def build_backbone(name: str, width: int = 64, dilate_last: bool = False) -> ResNet:
-    if name not in BACKBONES:
-        raise ValueError(f"Unknown backbone {name!r}; valid names: {', '.join(sorted(BACKBONES))}")
-    block, layers = BACKBONES[name]
-    return ResNet(block, layers, width=width, dilate_last=dilate_last)
+    """The twin of cmil_jax.models.build_backbone(name): its stages and block type."""
+    flax_net = models.build_backbone(name)
+    if not isinstance(flax_net, resnet.ResNet):
+        raise ValueError(f"the twin has the ResNet backbones only, not {name!r}")
+    block = Bottleneck if flax_net.block_cls is resnet.Bottleneck else BasicBlock
+    return ResNet(block, flax_net.stage_sizes, width=width, dilate_last=dilate_last)
 
 
 def feature_size(image_size: int, dilate_last: bool = False) -> int:
@@ -221,29 +226,18 @@ class CMIL(nn.Module):
     ``model.train()`` / ``model.eval()`` (BatchNorm).
     """
 
-    def __init__(
-        self,
-        backbone="resnet50",
-        num_class_tokens=5,
-        num_classes=5,
-        width=384,
-        num_heads=6,
-        mlp_ratio=4.0,
-        embed_dim=128,
-        patch_pool="mean",
-        pool_temperature=1.0,
-        dilate_last=False,
-        backbone_width=64,
-        mil_bias_init=0.5,
-        image_size=256,
-    ):
+    def __init__(self, image_size: int = 256, **model_fields):
+        """The twin of ``cmil_jax.models.CMIL(**model_fields)`` (the fields of a config's model
+        section, its defaults and checks; ``dtype`` and ``layers`` are the Flax model's business:
+        the twin's compute dtype is the autocast of its steps) for ``image_size`` px images."""
         super().__init__()
-        if num_class_tokens != num_classes:
-            raise ValueError("num_class_tokens must equal num_classes")
+        spec = models.CMIL(**model_fields)
+        spec.check_config()
+        width, k = spec.width, spec.num_class_tokens
         self.num_class_tokens, self.patch_pool, self.pool_temperature = (
-            num_class_tokens,
-            patch_pool,
-            pool_temperature,
+            k,
+            spec.patch_pool,
+            spec.pool_temperature,
         )
         self.register_buffer(
             "mean", 255.0 * torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False
@@ -251,20 +245,18 @@ class CMIL(nn.Module):
         self.register_buffer(
             "std", 255.0 * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False
         )
-        self.backbone = build_backbone(backbone, backbone_width, dilate_last)
-        s = feature_size(image_size, dilate_last)
+        self.backbone = build_backbone(spec.backbone, spec.backbone_width, spec.dilate_last)
+        s = feature_size(image_size, spec.dilate_last)
         self.tokenizer = nn.Conv2d(self.backbone.out_channels, width, 1)
         self.pos_embed = nn.Parameter(nn.init.trunc_normal_(torch.empty(s, s, width), std=0.02))
-        self.class_tokens = nn.Parameter(
-            nn.init.trunc_normal_(torch.empty(num_class_tokens, width), std=0.02)
-        )
-        self.encoder = EncoderLayer(width, num_heads, mlp_ratio)
+        self.class_tokens = nn.Parameter(nn.init.trunc_normal_(torch.empty(k, width), std=0.02))
+        self.encoder = EncoderLayer(width, spec.num_heads, spec.mlp_ratio)
         self.class_norm = nn.LayerNorm(width, eps=LN_EPS)
-        self.class_head = ClassTokenHead(num_class_tokens, width)
+        self.class_head = ClassTokenHead(k, width)
         self.patch_norm = nn.LayerNorm(width, eps=LN_EPS)
-        self.patch_head = nn.Linear(width, num_classes)
-        self.mil_proj = nn.Linear(width, embed_dim)
-        self.mil_bias = nn.Parameter(torch.tensor(float(mil_bias_init)))
+        self.patch_head = nn.Linear(width, spec.num_classes)
+        self.mil_proj = nn.Linear(width, spec.embed_dim)
+        self.mil_bias = nn.Parameter(torch.tensor(float(spec.mil_bias_init)))
 
     def forward(self, images):
         x = images.permute(0, 3, 1, 2).float()  # NHWC memory = channels_last NCHW
@@ -436,21 +428,19 @@ def total_loss(
 # ============================================================================ optimizer and steps
 
 
-def make_optimizer(
-    model,
-    *,
-    lr=1e-4,
-    backbone_lr_mult=0.1,
-    weight_decay=0.05,
-    betas=(0.9, 0.999),
-    warmup_steps=1000,
-    total_steps=100_000,
-):
-    """AdamW (fused on GPU, foreach on CPU) in four groups (backbone/head x decay/no decay) and
-    a per-step linear warm-up + cosine LambdaLR, as cmil_jax.optim.make_optimizer.
-
-    Returns (optimizer, scheduler).
+def make_optimizer(model, train_cfg, total_steps: int):
+    """The AdamW of a config's train section, as cmil_jax.optim.make_optimizer: fused on GPU,
+    foreach on CPU, four groups (backbone/head x decay/no decay; the backbone at lr *
+    backbone_lr_mult), and optim.lr_schedule's warm-up + cosine decay over ``total_steps``
+    (tabulated once, stepped per step by a LambdaLR). Returns (optimizer, scheduler).
     """
+    import jax  # pylint: disable=import-outside-toplevel
+
+    from cmil_jax import optim  # pylint: disable=import-outside-toplevel
+
+    t = train_cfg
+    if t.grad_clip:
+        raise ValueError("the twin does not clip gradients: set train.grad_clip 0")
     groups = {}
     for name, p in model.named_parameters():
         head = "backbone" if name.startswith("backbone.") else "head"
@@ -459,30 +449,24 @@ def make_optimizer(
     param_groups = [
         {
             "params": ps,
-            "lr": lr * (backbone_lr_mult if head == "backbone" else 1.0),
-            "weight_decay": weight_decay if decay else 0.0,
+            "lr": t.lr * (t.backbone_lr_mult if head == "backbone" else 1.0),
+            "weight_decay": t.weight_decay if decay else 0.0,
         }
         for (head, decay), ps in groups.items()
     ]
     cuda = next(model.parameters()).is_cuda
     opt = torch.optim.AdamW(
         param_groups,
-        lr=lr,
-        betas=betas,
-        eps=1e-8,
+        lr=t.lr,
+        betas=(t.b1, t.b2),
+        eps=1e-8,  # optax.adamw's
         fused=True if cuda else None,
         foreach=None if cuda else True,
     )
-    warmup_steps = max(0, min(warmup_steps, total_steps - 1))
-    decay_steps = max(total_steps - warmup_steps, 1)
-
-    def factor(step):
-        if step < warmup_steps:
-            return step / warmup_steps
-        t = min(step - warmup_steps, decay_steps) / decay_steps
-        return 0.5 * (1.0 + math.cos(math.pi * t))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    schedule = optim.lr_schedule(1.0, t.warmup_steps, total_steps)  # lr multiplier per step
+    factors = np.asarray(jax.vmap(schedule)(np.arange(total_steps + 1)), np.float64)
+    return opt, torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: float(factors[min(step, total_steps)]))
 
 
 def _autocast(device_type, amp_dtype):
@@ -562,132 +546,52 @@ def make_eval_step(
 
 
 # ============================================================================ from a config
-# The fields of cmil_jax.config_base's model / train / loss sections (attribute access).
-
-MODEL_FIELDS = (
-    "backbone",
-    "num_class_tokens",
-    "num_classes",
-    "width",
-    "num_heads",
-    "mlp_ratio",
-    "embed_dim",
-    "patch_pool",
-    "pool_temperature",
-    "dilate_last",
-    "backbone_width",
-    "mil_bias_init",
-)
+# The sections of a cmil_jax config (cmil_jax.config_base).
 
 
 def model_from_config(model_cfg, image_size: int) -> CMIL:
-    """The twin of ``cmil_jax.train.build_model(model_cfg)`` for ``image_size`` px inputs."""
-    return CMIL(**{k: getattr(model_cfg, k) for k in MODEL_FIELDS}, image_size=image_size)
-
-
-def optimizer_from_config(model, train_cfg, total_steps: int):
-    """make_optimizer with the fields of a config's train section -> (optimizer, scheduler)."""
-    t = train_cfg
-    return make_optimizer(
-        model,
-        lr=t.lr,
-        backbone_lr_mult=t.backbone_lr_mult,
-        weight_decay=t.weight_decay,
-        betas=(t.b1, t.b2),
-        warmup_steps=t.warmup_steps,
-        total_steps=total_steps,
-    )
-
-
-def loss_kwargs_from_config(loss_cfg) -> dict:
-    """Keyword arguments of total_loss from a config's loss section (num_lowest 0 = None)."""
-    c = loss_cfg
-    return {
-        "alpha": c.alpha,
-        "lambda1": c.lambda1,
-        "lambda2": c.lambda2,
-        "tau": c.tau,
-        "num_lowest": c.num_lowest or None,
-        "rank_order": c.rank_order,
-        "use_rank": c.use_rank,
-    }
+    """The twin of ``cmil_jax.train.build_model(cfg, layers)`` (``model_cfg`` = cfg.model) for
+    ``image_size`` px inputs."""
+    return CMIL(image_size=image_size, **model_cfg)
 
 
 # ============================================================================ Flax weights
 
 
-def _t(x):
-    return torch.from_numpy(np.array(x, dtype=np.float32))
-
-
 def flax_to_state_dict(flax_variables, num_batches_tracked=0) -> dict[str, torch.Tensor]:
     """cmil_jax CMIL variables {'params', 'batch_stats'} -> this module's state_dict.
 
-    Conv kernels (kh, kw, in, out) -> (out, in, kh, kw); Dense (in, out) -> Linear (out, in);
-    attention query/key/value kernels (d, H, d/H) -> rows of ``qkv`` (3d, d), out (H, d/H, d)
-    -> ``proj`` (d, d); BatchNorm scale/bias/mean/var -> weight/bias/running_mean/running_var.
+    Every variable by cmil_jax.convert's torchvision names (convert.torch_tensor: conv and Dense
+    kernels transposed, scale -> weight, mean/var -> running_mean/running_var), except the
+    attention's query/key/value kernels (d, H, d/H), which become the rows of ``qkv`` (3d, d),
+    and its out kernel (H, d/H, d), which becomes ``proj`` (d, d); ``class_head``'s kernel
+    (K, d) holds one weight row per class token, not a Dense kernel, and is kept as it is.
     """
-    params, stats = flax_variables["params"], flax_variables.get("batch_stats", {})
     sd = {}
+    for path, leaf in convert.flatten(flax_variables).items():
+        if path[1:3] == ("encoder", "attn"):
+            continue
+        key, value = convert.torch_tensor(path, leaf)
+        if path[1:] == ("class_head", "kernel"):
+            value = np.asarray(leaf)
+        sd[key] = torch.from_numpy(np.array(value, dtype=np.float32))
+        if key.endswith(".running_mean"):
+            sd[key.replace(".running_mean", ".num_batches_tracked")] = torch.tensor(
+                num_batches_tracked, dtype=torch.long)
 
-    def conv(prefix, p):
-        sd[prefix + ".weight"] = _t(p["kernel"]).permute(3, 2, 0, 1).contiguous()
-        if "bias" in p:
-            sd[prefix + ".bias"] = _t(p["bias"])
+    def t(x):
+        return torch.from_numpy(np.array(x, dtype=np.float32))
 
-    def dense(prefix, p):
-        sd[prefix + ".weight"] = _t(p["kernel"]).T.contiguous()
-        sd[prefix + ".bias"] = _t(p["bias"])
-
-    def norm(prefix, p):
-        sd[prefix + ".weight"], sd[prefix + ".bias"] = _t(p["scale"]), _t(p["bias"])
-
-    def bn(prefix, p, s):
-        norm(prefix, p)
-        sd[prefix + ".running_mean"], sd[prefix + ".running_var"] = _t(s["mean"]), _t(s["var"])
-        sd[prefix + ".num_batches_tracked"] = torch.tensor(num_batches_tracked, dtype=torch.long)
-
-    bb, bbs = params["backbone"], stats["backbone"]
-    conv("backbone.conv1", bb["conv1"])
-    bn("backbone.bn1", bb["bn1"], bbs["bn1"])
-    for block in (k for k in bb if k.startswith("layer")):
-        stage, index = block[len("layer") :].split("_")
-        prefix = f"backbone.layer{stage}.{index}"
-        for name, p in bb[block].items():
-            if name == "downsample_conv":
-                conv(prefix + ".downsample.0", p)
-            elif name == "downsample_bn":
-                bn(prefix + ".downsample.1", p, bbs[block][name])
-            elif name.startswith("conv"):
-                conv(f"{prefix}.{name}", p)
-            else:
-                bn(f"{prefix}.{name}", p, bbs[block][name])
-
-    conv("tokenizer", params["tokenizer"])
-    sd["pos_embed"] = _t(params["pos_embed"])
-    sd["class_tokens"] = _t(params["class_tokens"])
-    enc = params["encoder"]
-    norm("encoder.norm1", enc["norm1"])
-    norm("encoder.norm2", enc["norm2"])
-    attn = enc["attn"]
+    attn = flax_variables["params"]["encoder"]["attn"]
     d = np.shape(attn["query"]["kernel"])[0]
     sd["encoder.attn.qkv.weight"] = torch.cat(
-        [_t(attn[n]["kernel"]).reshape(d, d).T for n in ("query", "key", "value")]
+        [t(attn[n]["kernel"]).reshape(d, d).T for n in ("query", "key", "value")]
     ).contiguous()
     sd["encoder.attn.qkv.bias"] = torch.cat(
-        [_t(attn[n]["bias"]).reshape(d) for n in ("query", "key", "value")]
+        [t(attn[n]["bias"]).reshape(d) for n in ("query", "key", "value")]
     )
-    sd["encoder.attn.proj.weight"] = _t(attn["out"]["kernel"]).reshape(d, d).T.contiguous()
-    sd["encoder.attn.proj.bias"] = _t(attn["out"]["bias"])
-    dense("encoder.fc1", enc["fc1"])
-    dense("encoder.fc2", enc["fc2"])
-    norm("class_norm", params["class_norm"])
-    sd["class_head.weight"] = _t(params["class_head"]["kernel"])
-    sd["class_head.bias"] = _t(params["class_head"]["bias"])
-    norm("patch_norm", params["patch_norm"])
-    dense("patch_head", params["patch_head"])
-    dense("mil_proj", params["mil_proj"])
-    sd["mil_bias"] = _t(params["mil_bias"]).reshape(())
+    sd["encoder.attn.proj.weight"] = t(attn["out"]["kernel"]).reshape(d, d).T.contiguous()
+    sd["encoder.attn.proj.bias"] = t(attn["out"]["bias"])
     return sd
 
 

@@ -1,10 +1,10 @@
-"""PyTorch backbone weights -> Flax variables for ``model.init_from``.
+"""PyTorch backbone weights -> Flax variables for ``train.init_from``.
 
     python -m cmil_jax.convert --arch resnet50 --torch-checkpoint resnet50.pth --out weights/r50
     python -m cmil_jax.convert --arch swin_t --torch-checkpoint swin_tiny.pth --out weights/swin_t \
         [--window-size 8]            # resample the position-bias tables for 256 px inputs
     python -m cmil_jax.main ... --config.model.backbone=resnet50 \
-        --config.model.init_from=weights/r50
+        --config.train.init_from=weights/r50
 
 Sources: torchvision's resnet18/34/50 state_dicts; for swin_t/s/b timm's (>= 0.9) state_dicts
 and the official release layout (``{'model': state_dict}`` with each PatchMerging at the end of
@@ -24,6 +24,8 @@ Python API:
   convert_checkpoint(path, arch, out_dir, layout='auto', window_size=0) -> variables
   convert_state_dict(state_dict, arch, layout='auto', window_size=0) -> variables
   to_torch_state_dict(variables, arch, layout=...) -> {key: numpy}   (the inverse map)
+  torch_tensor(path, leaf) -> (torch key, numpy): that map for one variable, for models that
+      embed a backbone (benchmarks/torch_twin.py maps its whole CMIL with it)
   load_backbone_variables(dir) -> variables for build_backbone(arch).apply(v, x, train=False)
   match_tree(current, loaded, source) -> loaded, after checking keys and shapes against current
 """
@@ -305,11 +307,23 @@ def to_torch_state_dict(
     no derived buffers). Default layout: 'torchvision' for ResNets, 'timm' for Swin."""
     family = _family(arch)
     layout = layout or LAYOUTS[family][0]
-    state = {}
-    for path, leaf in flatten(variables).items():
-        key, kind = _torch_key(path, family, layout)
-        state[key] = np.ascontiguousarray(_to_torch(np.asarray(leaf), kind))
-    return state
+    return dict(torch_tensor(path, leaf, family, layout)
+                for path, leaf in flatten(variables).items())
+
+
+def torch_tensor(path: Path, leaf, family: str = "resnet",
+                 layout: str = "torchvision") -> tuple[str, np.ndarray]:
+    """One Flax variable -> (torch state_dict key, numpy array in PyTorch's layout).
+
+    ``path``: the variable's path, collection first (``flatten`` of {'params': ...,
+    'batch_stats': ...}): ('params', 'layer1_0', 'conv1', 'kernel') -> 'layer1.0.conv1.weight'
+    with the kernel (kh, kw, in, out) -> (out, in, kh, kw); a Dense kernel (in, out) -> (out,
+    in); 'scale' -> 'weight'; batch_stats 'mean' / 'var' -> 'running_mean' / 'running_var';
+    'downsample_conv' / 'downsample_bn' -> 'downsample.0' / 'downsample.1'. Module names pass
+    through otherwise (a backbone under 'backbone' maps to 'backbone.*').
+    """
+    key, kind = _torch_key(path, family, layout)
+    return key, np.ascontiguousarray(_to_torch(np.asarray(leaf), kind))
 
 
 # ----------------------------------------------------------------------------- files

@@ -285,6 +285,19 @@ def rank_loss(logits, seq, order: str = "first_high", weights=None) -> jax.Array
 # Total
 
 
+def loss_kwargs(loss_cfg) -> dict:
+    """Keyword arguments of total_loss from a config's ``loss`` section (num_lowest 0 = all N)."""
+    return {
+        "alpha": loss_cfg.alpha,
+        "lambda1": loss_cfg.lambda1,
+        "lambda2": loss_cfg.lambda2,
+        "tau": loss_cfg.tau,
+        "num_lowest": loss_cfg.num_lowest or None,
+        "rank_order": loss_cfg.rank_order,
+        "use_rank": loss_cfg.use_rank,
+    }
+
+
 def total_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], *,
                alpha: float = 1.0, lambda1: float = 1.0, lambda2: float = 1.0,
                tau: float = 0.2, num_lowest: Optional[int] = None,

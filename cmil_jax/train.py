@@ -166,15 +166,7 @@ def make_train_step(model, tx, loss_cfg, state_shardings, batch_sharding, nan_st
     metrics['nonfinite'] = 1. `nan_steps` (1-based, testing only) multiplies the loss by NaN
     at those steps.
     """
-    loss_kwargs = dict(
-        alpha=loss_cfg.alpha,
-        lambda1=loss_cfg.lambda1,
-        lambda2=loss_cfg.lambda2,
-        tau=loss_cfg.tau,
-        num_lowest=loss_cfg.num_lowest or None,
-        rank_order=loss_cfg.rank_order,
-        use_rank=loss_cfg.use_rank,
-    )
+    loss_kwargs = losses.loss_kwargs(loss_cfg)
 
     def train_step(state: TrainState, batch):
         def loss_fn(params):

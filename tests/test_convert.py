@@ -1,4 +1,4 @@
-"""cmil_jax.convert without torchvision or timm: key maps, checks, files, model.init_from.
+"""cmil_jax.convert without torchvision or timm: key maps, checks, files, train.init_from.
 
 State dicts in the reference layouts are made from random Flax variables through the inverse
 map and converted back (as numpy; through torch.save and the command line where torch is
@@ -97,6 +97,17 @@ def test_resnet_key_names_follow_torchvision():
     assert state["layer1.0.downsample.1.running_var"].shape == (256,)
     assert state["layer4.2.bn3.weight"].shape == (2048,)
     assert len(state) == 265  # torchvision resnet50 state_dict: 320 keys - 53 counters - fc (2)
+
+
+def test_torch_tensor_maps_a_backbone_inside_a_model():
+    """The per-variable map keeps module prefixes (benchmarks/torch_twin.py maps its CMIL)."""
+    key, value = convert.torch_tensor(
+        ("params", "backbone", "layer1_0", "downsample_conv", "kernel"), np.ones((1, 1, 4, 8)))
+    assert key == "backbone.layer1.0.downsample.0.weight" and value.shape == (8, 4, 1, 1)
+    key, value = convert.torch_tensor(("params", "mil_proj", "kernel"), np.ones((3, 5)))
+    assert key == "mil_proj.weight" and value.shape == (5, 3)
+    key, _ = convert.torch_tensor(("batch_stats", "backbone", "bn1", "var"), np.ones(4))
+    assert key == "backbone.bn1.running_var"
 
 
 @pytest.mark.parametrize("layout", ["timm", "official"])

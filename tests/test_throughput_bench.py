@@ -18,35 +18,45 @@ def _run(args, timeout=600):
     return proc
 
 
-def test_import_train_without_tfds_keeps_the_real_grain_pipeline():
-    """A GPU image without TFDS: sources is a stand-in, the pipeline (grain only) is real, and
-    the stand-in answers probes (hasattr / getattr with a default) like any module."""
-    code = (
-        "import sys; sys.modules['tensorflow_datasets'] = None\n"
-        "from benchmarks import throughput\n"
-        "train, note = throughput.import_train()\n"
-        "import cmil_jax.data.pipeline as p, cmil_jax.data.sources as s\n"
-        "assert callable(p.make_triple_train_dataset), p\n"
-        "assert not hasattr(s, 'open_split') and getattr(s, 'torch', 42) == 42\n"
-        "assert issubclass(s.DataError, ValueError)\n"
-        "assert 'tensorflow_datasets' in note and 'pipeline' not in note, note\n"
-        "assert callable(train.make_train_step)\n"
-        "print('ok')\n"
-    )
-    proc = _run(["-c", code], timeout=300)
-    assert proc.stdout.strip().endswith("ok")
+def test_variants_parse_into_runtime_fields_and_xla_options():
+    from benchmarks import throughput
+
+    v = throughput.parse_variant("conv_onednn+ynn_dot+xla_cpu_enable_fast_math=true")
+    assert v.runtime == {"kernels": "onednn", "xla_cpu_conv": "eigen"}
+    assert v.xla_options == {"xla_cpu_enable_fast_math": True}
+    assert throughput.parse_variant("kernels=matmul").runtime == {"kernels": "matmul"}
 
 
 def test_end_to_end_on_triples_reports_both_rates(tmp_path):
+    """The real synthetic TFDS data through the training pipeline, feeding train.setup's step:
+    the config is base_config() with the command line's fields, and the recorded runtime is
+    what runtime.resolve gives for it (as training would resolve it)."""
+    from benchmarks import throughput
+    from cmil_jax import config_base, runtime
+
     out = tmp_path / "t.json"
-    _run(["-m", "benchmarks.throughput", *TINY, "--batch", "4", "--steps", "2", "--windows",
-          "2", "--only", "jax_train", "--no-infer", "--end-to-end", "--e2e-workers", "0",
-          "--e2e-examples", "12", "--e2e-steps", "2", "--json", str(out)])
+    args = [*TINY, "--batch", "4", "--steps", "2", "--windows", "2", "--only", "jax_train",
+            "--no-infer", "--kernels", "xla", "--end-to-end", "--e2e-workers", "0",
+            "--e2e-examples", "12", "--e2e-steps", "2", "--json", str(out)]
+    _run(["-m", "benchmarks.throughput", *args])
     result = json.loads(out.read_text())
+
+    expected = config_base.base_config()
+    expected.model.update(backbone="resnet10", backbone_width=8, dtype="float32")
+    expected.data.image_size = 64
+    expected.runtime.kernels = "xla"
+    assert result["config"] == json.loads(json.dumps(expected.to_dict()))  # tuples: lists
+    cfg = throughput.make_config(throughput.parse_args(args))
+    assert cfg.to_dict() == expected.to_dict()
+    assert result["runtime"] == runtime.resolve(cfg).describe()
+    assert result["runtime"]["kernels"] == "xla"
+
     e2e = result["end_to_end"]
+    assert "error" not in e2e, e2e
     # 2 triples make 6 images; the step takes the first 4, the shape it was compiled for.
     assert e2e["data"] == "triples" and e2e["triples_per_step"] == 2
     assert e2e["images_made_per_step"] == 6 and e2e["images_per_step"] == 4
+    assert e2e["records"] == 12
     # No second compile: the device-only runner's first call is a plain step.
     assert e2e["device_only_first_call_s"] < 0.5 * result["runners"]["jax_train"]["first_call_s"]
     assert len(e2e["windows_images_per_sec"]) == len(e2e["device_only_windows_images_per_sec"])
@@ -58,9 +68,10 @@ def test_end_to_end_on_triples_reports_both_rates(tmp_path):
 
 def test_profile_step_sums_kernels_of_both_frameworks(tmp_path):
     proc = _run(["-m", "benchmarks.profile_step", *TINY, "--batch", "2", "--steps", "2",
-                 "--top", "5", "--out", str(tmp_path)])
+                 "--top", "5", "--kernels", "matmul", "--out", str(tmp_path)])
     text = (tmp_path / "profile_resnet10.md").read_text()
     assert text.strip() in proc.stdout
+    assert "layers 'matmul'" in text.splitlines()[0]
     assert "### cmil_jax train step: XLA:CPU thunks" in text
     assert "### PyTorch twin eager train step: aten operators" in text
     # Each section: wall time, a positive kernel sum, 5 kernels and the kinds table.

@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from benchmarks import torch_twin as tt
-from cmil_jax import losses
+from cmil_jax import config_base, losses, optim
 from cmil_jax.models import CMIL
 
 OUTPUT_KEYS = ("class_logits", "patch_class_logits", "patch_logits", "mil_emb", "mil_bias")
@@ -243,23 +243,20 @@ def test_twin_train_and_eval_steps_run():
     _, variables, _ = _models("resnet10")
     twin = tt.CMIL(**CASES["resnet10"], image_size=SIZE).to(memory_format=torch.channels_last)
     tt.load_from_flax(twin, variables)
-    opt, sched = tt.make_optimizer(twin, lr=1e-3, warmup_steps=1, total_steps=10)
+    train_cfg = config_base.base_config().train
+    train_cfg.update(lr=1e-3, warmup_steps=1)
+    opt, sched = tt.make_optimizer(twin, train_cfg, total_steps=10)
     step = tt.make_train_step(twin, opt, sched, dict(tau=0.2))
     batch = _torch_batch(_batch())
     before = twin.tokenizer.weight.detach().clone()
     m1, m2 = step(batch), step(batch)
     assert all(np.isfinite(_np(v)) for v in {**m1, **m2}.values())
     assert not torch.equal(before, twin.tokenizer.weight)  # lr > 0 from the second step
+    # After two steps, the learning rates of step 2 of optim.lr_schedule (head, backbone).
+    expected = [float(optim.lr_schedule(1e-3 * m, 1, 10)(2)) for m in (1.0, 0.1)]
+    lrs = sorted({g["lr"] for g in opt.param_groups}, reverse=True)
+    np.testing.assert_allclose(lrs, expected, rtol=1e-6)
     out = tt.make_eval_step(twin)(batch["image"])
     assert out["probs"].shape == (4, 5) and out["similarity_map"].shape == (4, 16)
     assert out["fake_prob"].shape == (4,)
 
-
-def test_throughput_fallback_defaults_equal_the_base_config():
-    """benchmarks.throughput.DEFAULTS stands in for config_base where ml_collections is missing."""
-    from benchmarks import throughput
-    from cmil_jax import config_base
-
-    base = config_base.base_config()
-    for part, fields in throughput.DEFAULTS.items():
-        assert fields == {k: base[part][k] for k in fields}, part

@@ -136,7 +136,8 @@ class CMIL(nn.Module):
     param_dtype: Any = jnp.float32
     layers: resnet.Layers = resnet.FLAX_LAYERS
 
-    def _check_config(self):
+    def check_config(self):
+        """Raises ValueError on attributes that cannot build a model (called by __call__)."""
         if self.num_class_tokens != self.num_classes:
             raise ValueError(
                 f"each class token gives one class logit: num_class_tokens ({self.num_class_tokens}) "
@@ -149,7 +150,7 @@ class CMIL(nn.Module):
 
     @nn.compact
     def __call__(self, images, train: bool):
-        self._check_config()
+        self.check_config()
         dtype = jnp.dtype(self.dtype)
         kw = dict(dtype=dtype, param_dtype=self.param_dtype)
         f32 = dict(dtype=jnp.float32, param_dtype=self.param_dtype)
