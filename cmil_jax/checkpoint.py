@@ -12,6 +12,12 @@ Saves are atomic: orbax writes into a temporary directory and renames it when ev
 with several processes, every process) is done; a directory left by a run killed mid-save is
 never restored, and the next run removes it. So a kill at any moment keeps the previous
 checkpoint.
+Damage after the fact (a file truncated or lost in a node crash, a flipped bit) is caught on
+restore: every checkpoint carries a fingerprint of its arrays (``fingerprint``: one 32-bit sum
+per leaf that changes with any single flipped bit), and a checkpoint that fails to load or to
+match it is passed over for the next older one, with a warning naming both; when none is good,
+``CheckpointError`` names the directory (the command exits 2) rather than starting from step 0.
+Best checkpoints keep the best two per metric for the same reason.
 Every process calls save/restore (orbax coordinates them): array shards are written by the
 processes that hold them, the JSON by process 0. The 'data' position is the same on every
 process (each reads the same number of batches of its share), so one copy serves them all,
@@ -20,9 +26,39 @@ and a checkpoint written by N processes restores on any number of processes.
 
 import json
 import os
+import sys
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from jax import lax
+
+FINGERPRINT_KEY = "fingerprint"
+_WEIGHT = 2654435761  # odd (Knuth's multiplicative hash constant)
+
+
+class CheckpointError(OSError):
+    """No checkpoint in a directory that holds some can be restored; the message names it."""
+
+
+def _leaf_fingerprint(x):
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    words = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    u = lax.bitcast_convert_type(x, words).astype(jnp.uint32).ravel()
+    # Odd weights, distinct per position: a flipped bit or two swapped words change the sum.
+    weights = jnp.arange(u.size, dtype=jnp.uint32) * jnp.uint32(2 * _WEIGHT % 2**32) + jnp.uint32(1)
+    return jnp.sum(u * weights, dtype=jnp.uint32)  # wraps modulo 2**32
+
+
+_fingerprint_leaves = jax.jit(lambda leaves: [_leaf_fingerprint(x) for x in leaves])
+
+
+def fingerprint(tree) -> list[int]:
+    """One 32-bit position-weighted sum of the bits of each leaf of `tree` (computed where the
+    arrays are; only the sums come to the host)."""
+    return [int(v) for v in jax.device_get(_fingerprint_leaves(jax.tree.leaves(tree)))]
 
 
 def _abs(path: str) -> str:
@@ -38,12 +74,14 @@ def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
 
 def save(manager: ocp.CheckpointManager, step: int, state, loop_state: dict,
          wait: bool = False) -> None:
-    """Saves `state` (a pytree of arrays) and `loop_state` (JSON-able); no-op if `step` exists.
+    """Saves `state` (a pytree of arrays) and `loop_state` (JSON-able, with the state's
+    fingerprint added); no-op if `step` exists.
 
     Asynchronous: returns once the arrays are copied off the devices; `wait` blocks until the
     checkpoint is on disk (before exiting).
     """
     if step not in manager.all_steps():
+        loop_state = {**loop_state, FINGERPRINT_KEY: fingerprint(state)}
         manager.save(
             step,
             args=ocp.args.Composite(
@@ -54,18 +92,48 @@ def save(manager: ocp.CheckpointManager, step: int, state, loop_state: dict,
         manager.wait_until_finished()
 
 
+def _check_fingerprint(tree, expected, where: str) -> None:
+    if expected is not None and fingerprint(tree) != list(expected):
+        raise ValueError(f"{where}: the arrays read back differ from those saved (fingerprint)")
+
+
+def _step_dirs(directory: str) -> list[int]:
+    """Steps with a directory under `directory`, whether orbax can read them or not."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(e) for e in os.listdir(directory) if e.isdigit())
+
+
 def restore_latest(manager: ocp.CheckpointManager, abstract_state):
-    """Returns (step, state, loop_state) of the newest checkpoint, or None when there is none."""
-    step = manager.latest_step()
-    if step is None:
-        return None
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), loop=ocp.args.JsonRestore()
-        ),
-    )
-    return step, restored["state"], restored["loop"]
+    """Returns (step, state, loop_state) of the newest good checkpoint, or None when the
+    directory holds none. A damaged one (unreadable, or not matching its fingerprint) is passed
+    over for the next older one with a warning; CheckpointError when none is good."""
+    directory = str(manager.directory)
+    steps = sorted(set(manager.all_steps()) | set(_step_dirs(directory)), reverse=True)
+    damaged = []
+    for step in steps:
+        where = os.path.join(directory, str(step))
+        try:
+            restored = manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), loop=ocp.args.JsonRestore()
+                ),
+            )
+            loop = dict(restored["loop"])
+            _check_fingerprint(restored["state"], loop.pop(FINGERPRINT_KEY, None), where)
+        except Exception as e:  # pylint: disable=broad-except  (any damage: try the next one)
+            damaged.append(f"{where} ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+            continue
+        if damaged:
+            print(f"warning: damaged checkpoint(s) {'; '.join(damaged)}; resuming from {where}",
+                  file=sys.stderr, flush=True)
+        return step, restored["state"], loop
+    if damaged:
+        raise CheckpointError(
+            f"no checkpoint under {directory} can be restored: {'; '.join(damaged)}. Move the "
+            "directory away to start again from step 0")
+    return None
 
 
 class BestKeeper:
@@ -74,8 +142,9 @@ class BestKeeper:
     def __init__(self, workdir: str, metric_names):
         self.managers = {}
         for name in metric_names:
+            # The best two: the second is the fallback if the best is damaged.
             options = ocp.CheckpointManagerOptions(
-                max_to_keep=1, create=True, best_fn=lambda m, name=name: m[name], best_mode="max"
+                max_to_keep=2, create=True, best_fn=lambda m, name=name: m[name], best_mode="max"
             )
             self.managers[name] = ocp.CheckpointManager(
                 os.path.join(_abs(workdir), "best", name), options=options
@@ -92,12 +161,10 @@ class BestKeeper:
             if best_step is not None:
                 best_value = _saved_metrics(manager, best_step).get(name)
             if best_value is None or metrics[name] > best_value:
-                manager.save(
-                    step,
-                    args=ocp.args.StandardSave(variables),
-                    metrics={k: float(v) for k, v in metrics.items()},
-                    force=True,
-                )
+                scores = {k: float(v) for k, v in metrics.items()}
+                scores[FINGERPRINT_KEY] = fingerprint(variables)
+                manager.save(step, args=ocp.args.StandardSave(variables), metrics=scores,
+                             force=True)
                 improved.append(name)
         return improved
 
@@ -122,7 +189,9 @@ def best_dir(workdir: str, metric: str) -> str:
 
 
 def restore_best(workdir: str, metric: str, abstract_variables):
-    """Returns (step, variables) of the best checkpoint for `metric`; FileNotFoundError if none."""
+    """Returns (step, variables) of the best checkpoint for `metric` (the runner-up, with a
+    warning, when the best is damaged); FileNotFoundError if none, CheckpointError if none of
+    them can be restored."""
     directory = best_dir(workdir, metric)
     if not os.path.isdir(directory):
         raise FileNotFoundError(
@@ -132,15 +201,37 @@ def restore_best(workdir: str, metric: str, abstract_variables):
     manager = ocp.CheckpointManager(
         directory,
         options=ocp.CheckpointManagerOptions(
-            best_fn=lambda m: m[metric], best_mode="max", max_to_keep=1
+            best_fn=lambda m: m[metric], best_mode="max", max_to_keep=2
         ),
     )
-    step = manager.best_step()
-    if step is None:
+    ranked = sorted(manager.all_steps(),
+                    key=lambda s: _saved_metrics(manager, s).get(metric, float("-inf")),
+                    reverse=True)
+    if not ranked:
+        manager.close()
+        if _step_dirs(directory):
+            raise CheckpointError(f"no best checkpoint under {directory} can be read")
         raise FileNotFoundError(f"{directory} holds no checkpoint")
-    variables = manager.restore(step, args=ocp.args.StandardRestore(abstract_variables))
-    manager.close()
-    return step, variables
+    damaged = []
+    try:
+        for step in ranked:
+            where = os.path.join(directory, str(step))
+            try:
+                variables = manager.restore(step,
+                                            args=ocp.args.StandardRestore(abstract_variables))
+                _check_fingerprint(variables,
+                                   _saved_metrics(manager, step).get(FINGERPRINT_KEY), where)
+            except Exception as e:  # pylint: disable=broad-except  (any damage: the next one)
+                damaged.append(f"{where} ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+                continue
+            if damaged:
+                print(f"warning: damaged best checkpoint(s) {'; '.join(damaged)}; using {where}",
+                      file=sys.stderr, flush=True)
+            return step, variables
+    finally:
+        manager.close()
+    raise CheckpointError(f"no best checkpoint under {directory} can be restored: "
+                          + "; ".join(damaged))
 
 
 def write_json(path: str, obj) -> None:

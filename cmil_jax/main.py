@@ -86,6 +86,7 @@ def main(argv):
         sys.exit(2)
     runtime.apply_host_memory(cfg)  # before JAX starts its CPU backend
     _maybe_initialize_distributed()
+    from cmil_jax import checkpoint
     from cmil_jax import faults
     from cmil_jax import train
 
@@ -94,7 +95,8 @@ def main(argv):
             train.train_and_evaluate(cfg, workdir)
         else:
             train.evaluate_best(cfg, workdir)
-    except (FileNotFoundError, faults.WorkdirError, faults.DataError, config_base.ConfigError) as e:
+    except (FileNotFoundError, faults.WorkdirError, faults.DataError, config_base.ConfigError,
+            checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except faults.NonFiniteError as e:

@@ -45,6 +45,15 @@ class MetricWriter:
             os.replace(tmp, self.path)
         return len(lines) - len(kept)
 
+    def last_train_step(self) -> int:
+        """The highest step of a 'train' record in metrics.jsonl (0 when there is none)."""
+        if not os.path.exists(self.path):
+            return 0
+        with open(self.path) as f:
+            steps = [r["step"] for r in map(json.loads, filter(str.strip, f))
+                     if r.get("split") == "train"]
+        return max(steps, default=0)
+
 
 class TrainWindow:
     """Per-step train metrics and the images trained on since the last train record.

@@ -337,6 +337,11 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
         reporting.log(f"Resumed from {manager.directory} at step {start_step}"
                       + (f" ({dropped} metrics records of later steps dropped)." if dropped
                          else "."))
+    elif writer.last_train_step() > 0:  # progress recorded, but nothing to resume from
+        raise checkpoint.CheckpointError(
+            f"{writer.path} records training up to step {writer.last_train_step()} but "
+            f"{manager.directory} holds no checkpoint; move {workdir} away (or remove its "
+            "metrics.jsonl) to start again from step 0")
     elif cfg.train.init_from:
         state = load_backbone_weights(state, cfg.train.init_from)
 

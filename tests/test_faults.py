@@ -305,3 +305,83 @@ def test_global_batches_do_not_depend_on_the_process_count(monkeypatch):
         for key in single[g]:
             np.testing.assert_array_equal(
                 np.concatenate([shares[0][g][key], shares[1][g][key]]), single[g][key])
+
+
+def _damage(step_dir, how):
+    """Damages the largest array file of a saved checkpoint step the way a crash or a disk
+    fault would."""
+    files = [os.path.join(root, f) for root, _, names in os.walk(step_dir) for f in names
+             if "/d/" in os.path.join(root, f)]
+    target = max(files, key=os.path.getsize)
+    data = bytearray(open(target, "rb").read())
+    if how == "flip":
+        data[len(data) // 2] ^= 0x04
+        open(target, "wb").write(bytes(data))
+    elif how == "truncate":
+        open(target, "wb").write(bytes(data[: len(data) // 2]))
+    else:  # missing
+        os.remove(target)
+
+
+def _saved_run(tmp_path, steps=(3, 6, 9)):
+    manager = checkpoint.make_manager(str(tmp_path), keep=5)
+    for step in steps:
+        state = {"w": jnp.arange(2000.0) * step, "step": jnp.int32(step)}
+        checkpoint.save(manager, step, state, {"data": {"next_index": step}}, wait=True)
+    manager.close()
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate", "missing"])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys, how):
+    abstract = _saved_run(tmp_path)
+    _damage(tmp_path / "checkpoints" / "9", how)
+    manager = checkpoint.make_manager(str(tmp_path), keep=5)
+    step, state, loop = checkpoint.restore_latest(manager, abstract)
+    manager.close()
+    assert step == 6 and loop == {"data": {"next_index": 6}}
+    np.testing.assert_array_equal(state["w"], np.arange(2000.0) * 6)
+    warning = capsys.readouterr().err
+    assert str(tmp_path / "checkpoints" / "9") in warning
+    assert f"resuming from {tmp_path / 'checkpoints' / '6'}" in warning
+
+
+def test_no_good_checkpoint_is_an_error_naming_the_directory(tmp_path):
+    abstract = _saved_run(tmp_path, steps=(3, 6))
+    for step in ("3", "6"):
+        _damage(tmp_path / "checkpoints" / step, "flip")
+    manager = checkpoint.make_manager(str(tmp_path), keep=5)
+    with pytest.raises(checkpoint.CheckpointError, match=str(tmp_path / "checkpoints")):
+        checkpoint.restore_latest(manager, abstract)
+    manager.close()
+
+
+def test_fingerprint_changes_with_any_single_bit():
+    x = np.random.default_rng(0).normal(size=(7, 5)).astype(np.float32)
+    base = checkpoint.fingerprint({"x": x, "b": np.array([True, False])})
+    bits = x.view(np.uint32).copy()
+    for index, bit in ((0, 0), (17, 31), (34, 12)):
+        flipped = bits.copy()
+        flipped.flat[index] ^= np.uint32(1 << bit)
+        assert checkpoint.fingerprint({"x": flipped.view(np.float32),
+                                       "b": np.array([True, False])}) != base
+    # two swapped values: the sum is position-weighted
+    swapped = x.copy()
+    swapped.flat[0], swapped.flat[1] = x.flat[1], x.flat[0]
+    assert checkpoint.fingerprint({"x": swapped, "b": np.array([True, False])}) != base
+
+
+def test_damaged_best_checkpoint_falls_back_to_the_runner_up(tmp_path, capsys):
+    keeper = checkpoint.BestKeeper(str(tmp_path), ["auc"])
+    for step, auc in ((5, 0.6), (10, 0.8)):
+        keeper.update(step, {"params": {"w": jnp.arange(2000.0) * step}}, {"auc": auc})
+        keeper.wait()
+    keeper.close()
+    abstract = {"params": {"w": jax.ShapeDtypeStruct((2000,), jnp.float32)}}
+    step, variables = checkpoint.restore_best(str(tmp_path), "auc", abstract)
+    assert step == 10
+    _damage(tmp_path / "best" / "auc" / "10", "flip")
+    step, variables = checkpoint.restore_best(str(tmp_path), "auc", abstract)
+    assert step == 5
+    np.testing.assert_array_equal(variables["params"]["w"], np.arange(2000.0) * 5)
+    assert str(tmp_path / "best" / "auc" / "10") in capsys.readouterr().err
