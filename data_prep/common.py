@@ -34,8 +34,19 @@ DUPLICATE = "duplicate entry"
 MISSING_VIDEO = "missing video"
 UNREADABLE_VIDEO = "unreadable video"
 NO_FACE = "no detectable face"
+OUTSIDE_RAW_DIR = "path outside the raw directory"
 
 DEFAULT_MAX_SKIPPED = 0.05
+
+
+def inside(path: str, raw_dir: str) -> bool:
+    """Whether `path`, with '..' and symbolic links resolved, lies inside `raw_dir`.
+
+    The builders read only files inside the directory they were pointed at, so an annotation
+    file cannot pull other files of the machine into a dataset that may later be shared.
+    """
+    root = os.path.realpath(raw_dir)
+    return os.path.realpath(path).startswith(root.rstrip(os.sep) + os.sep)
 
 
 class BuildError(RuntimeError):

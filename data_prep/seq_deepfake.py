@@ -131,28 +131,42 @@ def _alternatives(path: str):
             yield stem + e
 
 
-def resolve_image(raw_dir: str, subset: str, file_path: str) -> str | None:
-    """Absolute path of a CSV ``file_path`` or None when no candidate exists.
+class OutsideRawDir(ValueError):
+    """A CSV file_path whose only existing candidates lie outside the raw directory."""
 
-    Tries, in order: the path as given (absolute), relative to RAW, to RAW/<subset> and to
-    RAW/<subset>/images, then the same with up to two leading folders removed; each with the
-    listed extension first, then the other image extensions.
-    """
-    p = file_path.strip().replace("\\", "/")
-    while p.startswith("./"):
-        p = p[2:]
+
+def _candidates(raw_dir: str, subset: str, p: str):
     if os.path.isabs(p):
-        for c in _alternatives(p):
-            if os.path.isfile(c):
-                return c
+        yield from _alternatives(p)
     parts = [x for x in p.split("/") if x]
     roots = (raw_dir, os.path.join(raw_dir, subset), os.path.join(raw_dir, subset, "images"))
     for drop in range(min(3, len(parts))):
         rel = os.path.join(*parts[drop:])
         for root in roots:
-            for c in _alternatives(os.path.join(root, rel)):
-                if os.path.isfile(c):
-                    return c
+            yield from _alternatives(os.path.join(root, rel))
+
+
+def resolve_image(raw_dir: str, subset: str, file_path: str) -> str | None:
+    """Absolute path of a CSV ``file_path`` or None when no candidate exists.
+
+    Tries, in order: the path as given (absolute), relative to RAW, to RAW/<subset> and to
+    RAW/<subset>/images, then the same with up to two leading folders removed (so the authors'
+    absolute paths resolve inside RAW); each with the listed extension first, then the other
+    image extensions. Only files inside RAW count ('..' and symbolic links resolved):
+    OutsideRawDir when the only files found lie outside it.
+    """
+    p = file_path.strip().replace("\\", "/")
+    while p.startswith("./"):
+        p = p[2:]
+    outside = None
+    for c in _candidates(raw_dir, subset, p):
+        if os.path.isfile(c):
+            if common.inside(c, raw_dir):
+                return c
+            outside = outside or c
+    if outside is not None:
+        raise OutsideRawDir(f"{file_path!r} resolves to {os.path.realpath(outside)}, outside "
+                            f"{raw_dir}")
     return None
 
 
@@ -202,7 +216,11 @@ def scan_subset(raw_dir: str, subset: str, log: common.SkipLog,
             except ValueError as e:
                 log.skip(split, shown, common.MALFORMED_LABEL, f"{where}: {label_text!r}: {e}")
                 continue
-            path = resolve_image(raw_dir, subset, file_path) if file_path.strip() else None
+            try:
+                path = resolve_image(raw_dir, subset, file_path) if file_path.strip() else None
+            except OutsideRawDir as e:
+                log.skip(split, shown, common.OUTSIDE_RAW_DIR, f"{where}: {e}")
+                continue
             if path is None:
                 log.skip(split, shown, common.MISSING_IMAGE,
                          f"{where}: not found under {raw_dir} or {raw_dir}/{subset}")

@@ -99,8 +99,13 @@ def _videos_in(directory: str) -> list[str]:
 
 
 def _add(videos, log, raw_dir, split, path, video_id, is_fake, method, where=""):
-    """Lists one video; records it as missing when the file is not there."""
+    """Lists one video; records it as missing when the file is not there, and skips a path
+    that resolves outside the raw directory."""
     log.listed(split)
+    if not common.inside(path, raw_dir):
+        log.skip(split, path, common.OUTSIDE_RAW_DIR,
+                 f"{where + ': ' if where else ''}resolves to {os.path.realpath(path)}")
+        return
     if not os.path.isfile(path):
         log.skip(split, _rel(path, raw_dir), common.MISSING_VIDEO, where)
         return
