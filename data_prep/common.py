@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
+from cmil_jax import child_processes
+
 # Reasons for skipping an input (one word group each, used as summary keys).
 MISSING_IMAGE = "missing image"
 UNREADABLE_IMAGE = "unreadable image"
@@ -242,6 +244,7 @@ def remove_existing(data_dir: str, name: str) -> None:
 def _worker_init():
     import cv2  # pylint: disable=import-outside-toplevel
 
+    child_processes.exit_with_parent()
     cv2.setNumThreads(1)
 
 

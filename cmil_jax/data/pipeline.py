@@ -31,6 +31,7 @@ import cv2
 import grain
 import numpy as np
 
+from cmil_jax import child_processes
 from cmil_jax.data import augment as augment_lib
 from cmil_jax.labels import MAX_LEN
 
@@ -51,8 +52,9 @@ def _cv2_single_thread():
 
 
 def worker_init(worker_index: int, worker_count: int) -> None:
-    """grain worker initialiser."""
+    """grain worker initialiser: OpenCV on one thread; the worker ends with its parent."""
     del worker_index, worker_count
+    child_processes.exit_with_parent()
     _cv2_single_thread()
 
 

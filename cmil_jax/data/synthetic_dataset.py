@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 import tensorflow_datasets as tfds
 
+from cmil_jax import child_processes
 from cmil_jax.data import sources, synthetic
 from cmil_jax.data.landmarks68 import NUM_LANDMARKS
 from cmil_jax.labels import MAX_LEN, SUBSETS
@@ -59,6 +60,7 @@ def _synthetic_record(args) -> dict[str, Any]:
 
 
 def _worker_init():
+    child_processes.exit_with_parent()
     cv2.setNumThreads(1)  # the pool's processes are the parallelism
 
 
