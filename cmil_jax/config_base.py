@@ -13,7 +13,7 @@ from cmil_jax import labels
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Paper recipe (method.md section 7) for the Seq-DeepFake subsets."""
+    """Paper recipe (docs/method.md, "Data and training") for the Seq-DeepFake subsets."""
     c = ml_collections.ConfigDict()
     c.seed = 0
 
@@ -55,11 +55,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.train_split = "train"
     c.data.val_split = "val"
     c.data.test_split = "test"
-    c.data.triples = False  # genuine / SBI / fake triples (method.md section 5)
-    # [ours] the SBI image's sequence target: 'zeros' (all-zero sequence, method.md section 5)
+    c.data.triples = False  # genuine / SBI / fake triples (method.md, "Data and training")
+    # [ours] the SBI image's sequence target: 'zeros' (all-zero sequence, method.md, "Data and training")
     # or 'masked' (has_seq 0: it trains L_CLS only, like a binary-only sample).
     c.data.sbi_labels = "zeros"
-    # Joint training (method.md section 5, Table A2): a second, binary-only TFDS dataset (e.g.
+    # Joint training (method.md, "Data and training", Table A2): a second, binary-only TFDS dataset (e.g.
     # "ffpp/c23") mixed into every training batch; its samples have has_seq = 0, so only L_CLS
     # sees them [ours: masking]. "" = off. joint_fraction: its share of each batch [ours].
     c.data.joint_name = ""
@@ -78,7 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.synthetic.num_val = 1000
     c.data.synthetic.num_test = 2000
     c.data.synthetic.seed = 0
-    # Weak augmentation (method.md section 5); fields of cmil_jax.data.augment.AugmentConfig.
+    # Weak augmentation (method.md, "Data and training"); fields of cmil_jax.data.augment.AugmentConfig.
     c.data.augment = ml_collections.ConfigDict()
     c.data.augment.flip_p = 0.5
     c.data.augment.crop_mode = "resized"  # resized | pad | none
@@ -124,6 +124,9 @@ def base_config() -> ml_collections.ConfigDict:
     # 0 = never stop.
     c.train.max_nonfinite_steps = 10
     c.train.debug_nonfinite_steps = ""  # testing hook: steps whose loss is set to NaN, "3,7-9"
+    # Every metrics.jsonl scalar (train, val, test) also goes to TensorBoard event files in
+    # <workdir>/tensorboard (tensorboardX), with val localization maps at each evaluation.
+    c.train.tensorboard = True
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 128
@@ -131,7 +134,54 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.gate_by_fake_prob = False  # zero the sequence when the MIL p(x) < 0.5 [ours]
     c.eval.select_metrics = "fixed_acc,adaptive_acc"  # best checkpoint kept per metric (on val)
     c.eval.video_auc = True  # video-level AUC/EER/AP when records carry video ids
+
+    c.video = video_config()
     return c
+
+
+VIDEO_FACE = ("largest", "max")
+VIDEO_AGGREGATE = ("mean", "max", "median")
+VIDEO_NO_FACE = ("skip", "full_frame")
+
+
+def video_config() -> ml_collections.ConfigDict:
+    """The video protocol: how a video becomes one score (predict; docs/evaluation.md section 3).
+
+    frames_per_video: frames sampled, evenly spaced over the video (data_prep.faces
+      .sample_indices, as data_prep.videos samples training frames); all when it has fewer.
+    face: 'largest' (the largest detected face of a frame is its input) or 'max' (every face
+      found is scored and the frame's score is the highest of them).
+    aggregate: frame scores -> video score: 'mean' (as evaluation's video_auc), 'max',
+      'median'.
+    no_face: a frame without a detected face is 'skip'ped (counted, not scored) or scored on
+      the 'full_frame' resized to the model's input. A video with no scored frame has no score.
+    sequence_vote: the video's manipulation sequence is the sequence predicted on the most
+      scored frames whose fake probability is at least this (0 = over all of them; when no
+      frame reaches it, over all of them); ties go to the sequence whose frames have the
+      higher mean fake probability.
+    """
+    v = ml_collections.ConfigDict()
+    v.frames_per_video = 32
+    v.face = "largest"
+    v.aggregate = "mean"
+    v.no_face = "skip"
+    v.sequence_vote = 0.5
+    return v
+
+
+def check_video(v) -> None:
+    """Raises ConfigError naming the field of a video section that cannot work."""
+    checks = [
+        ("frames_per_video", isinstance(v.frames_per_video, int) and v.frames_per_video > 0,
+         "must be a positive integer"),
+        ("face", v.face in VIDEO_FACE, f"must be one of {VIDEO_FACE}"),
+        ("aggregate", v.aggregate in VIDEO_AGGREGATE, f"must be one of {VIDEO_AGGREGATE}"),
+        ("no_face", v.no_face in VIDEO_NO_FACE, f"must be one of {VIDEO_NO_FACE}"),
+        ("sequence_vote", 0.0 <= float(v.sequence_vote) <= 1.0, "must lie in [0, 1]"),
+    ]
+    for name, ok, why in checks:
+        if not ok:
+            raise ConfigError(f"config field video.{name}={v[name]!r}: {why}")
 
 
 def seq_config(subset: str, arg: str | None) -> ml_collections.ConfigDict:
@@ -141,7 +191,7 @@ def seq_config(subset: str, arg: str | None) -> ml_collections.ConfigDict:
     c.data.subset = subset
     c.data.name = f"seq_deepfake/{subset}"
     if arg in (None, "", "paper"):
-        c.data.triples = True  # method.md section 5; batch_size counts triples (examples)
+        c.data.triples = True  # method.md, "Data and training"; batch_size counts triples (examples)
         return c
     if arg == "demo":
         return apply_triples_demo(apply_demo(c))
@@ -258,6 +308,8 @@ def validate(cfg, devices: int, processes: int) -> None:
             section, name = field.split(".")
             raise ConfigError(f"config field {field}={cfg[section][name]}: {why}")
     parse_steps(cfg.train.debug_nonfinite_steps)
+    if "video" in cfg:
+        check_video(cfg.video)
 
 
 def parse_steps(spec: str) -> tuple[int, ...]:
@@ -298,4 +350,200 @@ def load_recorded(path: str) -> ml_collections.ConfigDict:
         recorded["runtime"] = default
     if "init_from" in model:
         recorded.setdefault("train", {})["init_from"] = model.pop("init_from")
+    # Runs recorded before the video section existed: the default protocol (recorded fields
+    # kept, missing ones filled in).
+    recorded["video"] = {**video_config().to_dict(), **recorded.get("video", {})}
     return ml_collections.ConfigDict(recorded)
+
+
+# ----------------------------------------------------------------------------- comparing configs
+
+# Fields that never change what a run computes, only how fast, where the data lives or how often
+# it reports: a resume may change them without --accept_config_changes. Every other field
+# (model, loss, optimizer, schedule length, data, augmentation, seeds) counts as a change.
+RESUME_FREE_FIELDS = (
+    "runtime.",  # the whole section: how this machine computes, never what
+    "data.data_dir", "data.num_workers", "data.prefetch",
+    "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.tensorboard",  # what is reported, not what is trained
+    "video.",  # how predict (and video evaluation) turn frames into a video score
+    "eval.batch_size",
+)
+
+# What `--mode eval` takes from --config (when given) on top of the run's recorded config: the
+# datasets and splits to test on. Everything else comes from <workdir>/config.json, so the model
+# is the one that was trained; --config.x=y overrides apply on top, except those of
+# EVAL_FIXED_FIELDS, which must match the recording.
+EVAL_DATASET_FIELDS = ("data.name", "data.test_split", "data.joint_name", "data.joint_test_split")
+EVAL_FIXED_FIELDS = ("seed", "model.", "loss.", "train.", "data.image_size")
+
+
+def _matches(field: str, patterns) -> bool:
+    return any(field == p or (p.endswith(".") and field.startswith(p)) for p in patterns)
+
+
+def flatten(cfg) -> dict:
+    """{'model.width': 384, ...}: the config's leaves as JSON values (tuples become lists)."""
+    import json  # pylint: disable=import-outside-toplevel
+
+    tree = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    tree = json.loads(json.dumps(tree))
+    out = {}
+
+    def walk(prefix, node):
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(name + ".", value)
+            else:
+                out[name] = value
+
+    walk("", tree)
+    return out
+
+
+_ABSENT = "(absent)"
+
+
+def config_changes(recorded, given, ignore=RESUME_FREE_FIELDS) -> dict:
+    """{field: (recorded value, given value)} for every leaf that differs, fields matching
+    `ignore` (exact names, or prefixes ending in '.') left out. A field only one side has is
+    reported with the value '(absent)' on the other."""
+    old, new = flatten(recorded), flatten(given)
+    changes = {}
+    for field in sorted(set(old) | set(new)):
+        if _matches(field, ignore):
+            continue
+        a, b = old.get(field, _ABSENT), new.get(field, _ABSENT)
+        if a != b:
+            changes[field] = (a, b)
+    return changes
+
+
+def format_changes(changes: dict) -> str:
+    return "; ".join(f"{field}: {a!r} -> {b!r}" for field, (a, b) in changes.items())
+
+
+def _set_field(cfg, field: str, value) -> None:
+    *parents, leaf = field.split(".")
+    node = cfg
+    for p in parents:
+        node = node[p]
+    with node.ignore_type():
+        node[leaf] = value
+
+
+def _get_field(cfg, field: str):
+    node = cfg
+    for p in field.split("."):
+        node = node[p]
+    return node
+
+
+def eval_config(recorded, given=None, overrides: dict | None = None,
+                where: str = "config.json") -> ml_collections.ConfigDict:
+    """The config `--mode eval` runs with: the run's `recorded` config (load_recorded), with
+    the datasets of `given` (the --config file, EVAL_DATASET_FIELDS) and the command line's
+    `overrides` ({field: value}) applied on top.
+
+    Raises ConfigError naming the field when an override would change the trained model
+    (EVAL_FIXED_FIELDS) or names a field the recorded config lacks.
+    """
+    import copy  # pylint: disable=import-outside-toplevel
+
+    cfg = copy.deepcopy(recorded)
+    if given is not None:
+        for field in EVAL_DATASET_FIELDS:
+            _set_field(cfg, field, copy.deepcopy(_get_field(given, field)))
+    recorded_flat = flatten(recorded)
+    for field, value in (overrides or {}).items():
+        if field not in recorded_flat:
+            raise ConfigError(f"config field {field} is not in the run's recorded config "
+                              f"({where})")
+        plain = flatten({"v": value})["v"] if not isinstance(value, dict) else value
+        if _matches(field, EVAL_FIXED_FIELDS):
+            if plain != recorded_flat[field]:
+                raise ConfigError(
+                    f"config field {field}={value!r}: --mode eval evaluates the model the run "
+                    f"trained, recorded with {field}={recorded_flat[field]!r} in {where}; drop "
+                    "the override (the recorded value is used) or train a new run")
+            continue
+        _set_field(cfg, field, value)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- binary datasets
+
+# Short names of the binary benchmarks the data_prep builders write (data_prep/videos.py):
+# short name -> (TFDS dataset name, its splits). Any '<builder>/<config>' name is accepted as
+# well: 'ffpp/c40', 'ffpp/c23_Deepfakes-FaceSwap' (a build with --methods), 'dfd/c40',
+# 'folders/NAME' (data_prep/folders.py).
+BINARY_DATASETS = {
+    "ffpp": ("ffpp/c23", ("train", "val", "test")),
+    "celebdf": ("celebdf/v2", ("train", "test")),
+    "dfdc": ("dfdc/default", ("train", "test")),
+    "wilddeepfake": ("wilddeepfake/default", ("train", "test")),
+    "dfd": ("dfd/c23", ("test",)),
+}
+
+
+def binary_dataset(arg: str) -> tuple[str, tuple[str, ...]]:
+    """(TFDS name, splits) of a dataset given by short name or '<builder>/<config>'.
+
+    Splits of unknown builders are assumed to be train, val and test (data_prep/folders.py).
+    ValueError for anything else, listing what is accepted."""
+    if arg in BINARY_DATASETS:
+        return BINARY_DATASETS[arg]
+    builder, _, config = (arg or "").partition("/")
+    if not builder or not config or "/" in config:
+        raise ValueError(f"unknown dataset {arg!r}: expected one of {sorted(BINARY_DATASETS)} "
+                         "or a TFDS name '<builder>/<config>' such as ffpp/c40 or folders/NAME")
+    if builder == "ffpp":
+        from data_prep import videos  # pylint: disable=import-outside-toplevel
+
+        videos.parse_ffpp_config(config)  # ValueError naming a bad compression or method
+    for name, splits in BINARY_DATASETS.values():
+        if name.split("/")[0] == builder:
+            return arg, splits
+    return arg, ("train", "val", "test")
+
+
+def apply_binary(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """The binary recipe [paper] reading TFDS dataset `name`: one class token, one class
+    (target = is_fake), no L_Rank, genuine / SBI / fake triples, best checkpoint by AUC."""
+    c.data.name = name
+    c.data.subset = "facial_components"  # only read by the synthetic demo data
+    c.data.triples = True
+    c.model.num_class_tokens = 1
+    c.model.num_classes = 1
+    c.loss.use_rank = False
+    c.eval.select_metrics = "auc"
+    return c
+
+
+def use_splits(c: ml_collections.ConfigDict, splits) -> ml_collections.ConfigDict:
+    """Points the val split at 'test' for datasets without an official val split (Celeb-DF,
+    DFDC, WildDeepfake): the best checkpoint is then selected on the test split, which the
+    results must say."""
+    if "val" not in splits and "test" in splits:
+        c.data.val_split = "test"
+    return c
+
+
+def apply_demo_size(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The demo's model, image size and schedule (apply_demo) on a config's own dataset."""
+    name, data_dir = c.data.name, c.data.data_dir
+    c = apply_demo(c)
+    c.data.name, c.data.data_dir = name, data_dir
+    return c
+
+
+def split_variant(arg: str | None) -> tuple[str, bool]:
+    """'<dataset>[,demo]' -> (dataset, demo?)."""
+    parts = [p.strip() for p in (arg or "").split(",")]
+    demo = "demo" in parts[1:]
+    extra = [p for p in parts[1:] if p != "demo"]
+    if extra:
+        raise ValueError(f"config variant {arg!r}: unknown option(s) {extra}; the only one is "
+                         "',demo'")
+    return parts[0], demo

@@ -67,7 +67,7 @@ HIDDEN = ("f1_macro", "video_eer", "video_ap", "best_iou_threshold", "num_videos
 def evaluate(eval_step, variables, dataset, batch_sharding, cfg, video_ids=None,
              sequence: bool = True) -> dict:
     """Runs `eval_step` (train.make_eval_step) over a finite dataset and returns the metrics of
-    method.md section 4.
+    method.md, "Decoding and metrics".
 
     Sequence metrics (multi-class heads, unless `sequence` is False: binary-only data), binary
     detection metrics (frame level, and video level when `video_ids`, the (N,) video of each
@@ -271,8 +271,11 @@ def write_results(workdir: str, rows: Iterable[dict] | None = None,
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Print and write <workdir>/results.md.")
-    parser.add_argument("--workdir", required=True)
+    parser = argparse.ArgumentParser(prog="python -m cmil_jax.evaluation",
+                                     description="Print and write <workdir>/results.md.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--workdir", required=True,
+                        help="training run whose metrics.jsonl holds test records")
     args = parser.parse_args(argv)
     try:
         path = write_results(args.workdir)

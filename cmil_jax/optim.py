@@ -1,4 +1,4 @@
-"""Optimizer: AdamW with linear warm-up and cosine decay (method.md section 7).
+"""Optimizer: AdamW with linear warm-up and cosine decay (method.md, "Data and training").
 
 Two parameter groups: the backbone learns at `lr * backbone_lr_mult` (0.1 in the paper's
 recipe), everything else (tokenizer, class tokens, transformer layer, heads, MIL bias) at `lr`.

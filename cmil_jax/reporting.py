@@ -1,5 +1,6 @@
-"""What a run writes and prints as it goes: metrics.jsonl records, the window of per-step train
-metrics between two records, progress bars and messages (process 0 only)."""
+"""What a run writes and prints as it goes: metrics.jsonl records (and the same scalars as
+TensorBoard event files), the window of per-step train metrics between two records, progress
+bars and messages (process 0 only)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,71 @@ import numpy as np
 from cmil_jax import checkpoint
 
 
-class MetricWriter:
-    """Appends one JSON object per event to <workdir>/metrics.jsonl (process 0 only)."""
+TENSORBOARD_DIR = "tensorboard"
+
+
+def tensorboard_tag(split: str, name: str, **extra) -> str:
+    """The TensorBoard tag of one metrics.jsonl scalar: '<split>/<name>' ('train/loss',
+    'val/auc'); a record with extra fields (test records: checkpoint, dataset) puts their
+    values between, '/' in them replaced by '_': 'test/best_fixed_acc/cmil_synthetic_x/auc'."""
+    parts = [split, *(str(v).replace("/", "_") for v in extra.values()), name]
+    return "/".join(parts)
+
+
+class TensorBoardWriter:
+    """Scalars and images as TensorBoard event files in <workdir>/tensorboard (process 0 only),
+    written with tensorboardX (no TensorFlow needed); opened on the first write, flushed after
+    each one. ``purge_step``: after a resume, TensorBoard discards the events of earlier files
+    at and after this step (the steps that are trained again)."""
 
     def __init__(self, workdir: str):
+        self.logdir = os.path.join(workdir, TENSORBOARD_DIR)
+        self.purge_step: int | None = None
+        self._writer = None
+        self._failed = False
+
+    def _open(self):
+        if self._writer is None and not self._failed:
+            try:
+                import tensorboardX  # pylint: disable=import-outside-toplevel
+            except ImportError:
+                self._failed = True
+                log("TensorBoard event files not written: tensorboardX is not installed "
+                    "(pip install tensorboardX, or set --config.train.tensorboard=False)")
+                return None
+            self._writer = tensorboardX.SummaryWriter(self.logdir, purge_step=self.purge_step,
+                                                      flush_secs=30)
+        return self._writer
+
+    def scalars(self, step: int, split: str, values: dict, **extra) -> None:
+        if not checkpoint.is_primary() or (writer := self._open()) is None:
+            return
+        for k, v in values.items():
+            v = float(v)
+            if math.isfinite(v):
+                writer.add_scalar(tensorboard_tag(split, k, **extra), v, int(step))
+        writer.flush()
+
+    def images(self, step: int, tag: str, images) -> None:
+        """(N, H, W, 3) uint8 RGB images under one tag."""
+        if not checkpoint.is_primary() or (writer := self._open()) is None:
+            return
+        writer.add_images(tag, np.asarray(images, np.uint8), int(step), dataformats="NHWC")
+        writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class MetricWriter:
+    """Appends one JSON object per event to <workdir>/metrics.jsonl and, with ``tensorboard``,
+    writes its finite scalars to <workdir>/tensorboard as well (process 0 only)."""
+
+    def __init__(self, workdir: str, tensorboard: bool = False):
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self.tensorboard = TensorBoardWriter(workdir) if tensorboard else None
 
     def write(self, step: int, split: str, values: dict, **extra) -> None:
         if not checkpoint.is_primary():
@@ -30,9 +91,18 @@ class MetricWriter:
             record[k] = v if math.isfinite(v) else None  # JSON has no NaN
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.scalars(step, split, values, **extra)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     def drop_after(self, step: int) -> int:
-        """Removes records of steps after `step` (re-run after a resume); returns how many."""
+        """Removes records of steps after `step` (re-run after a resume); returns how many.
+        TensorBoard's view drops them too (the event files' purge step)."""
+        if self.tensorboard is not None:
+            self.tensorboard.purge_step = int(step) + 1
         if not checkpoint.is_primary() or not os.path.exists(self.path):
             return 0
         with open(self.path) as f:

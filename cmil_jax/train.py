@@ -18,6 +18,7 @@ docs/distributed.md.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import Any, Callable
@@ -265,6 +266,11 @@ def _total_steps(cfg, train_len: int) -> int:
     return max(1, cfg.train.num_epochs * train_len // cfg.train.batch_size)
 
 
+def _tensorboard(cfg) -> bool:
+    """train.tensorboard (configs recorded before the field existed: on)."""
+    return bool(cfg.train.get("tensorboard", True))
+
+
 def _select_metrics(cfg) -> list[str]:
     return [m.strip() for m in cfg.eval.select_metrics.split(",") if m.strip()]
 
@@ -290,6 +296,42 @@ def write_config(cfg, workdir: str, runtime: runtime_lib.Runtime) -> None:
                               {**cfg.to_dict(), "resolved_runtime": runtime.describe()})
 
 
+def _has_checkpoint(workdir: str) -> bool:
+    directory = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(directory) and any(e.isdigit() for e in os.listdir(directory))
+
+
+def check_resume_config(cfg, workdir: str, accept_changes: bool = False) -> dict:
+    """Compares `cfg` with the config recorded in <workdir>/config.json when the workdir holds
+    a checkpoint to resume from; returns the changes ({field: (recorded, given)}).
+
+    Fields of config_base.RESUME_FREE_FIELDS (runtime, data location, workers, logging and
+    checkpoint cadence) are never a change. Any other difference raises ConfigError listing the
+    fields, unless `accept_changes`, in which case the changes are appended to
+    <workdir>/config_changes.jsonl (with the step resumed from) and the run goes on.
+    """
+    path = os.path.join(workdir, "config.json")
+    if not (os.path.isfile(path) and _has_checkpoint(workdir)):
+        return {}
+    changes = config_base.config_changes(config_base.load_recorded(path), cfg)
+    if not changes:
+        return {}
+    if not accept_changes:
+        raise config_base.ConfigError(
+            f"--workdir {workdir} holds a run recorded with a different config ({path}); "
+            f"differing fields: {config_base.format_changes(changes)}. Resume with the recorded "
+            "config (omit --config to use it), start a new --workdir, or pass "
+            "--accept_config_changes to resume with these changes")
+    if checkpoint.is_primary():
+        steps = [int(e) for e in os.listdir(os.path.join(workdir, "checkpoints")) if e.isdigit()]
+        with open(os.path.join(workdir, "config_changes.jsonl"), "a") as f:
+            f.write(json.dumps({"time": time.time(), "resumed_from_step": max(steps),
+                                "changes": {k: list(v) for k, v in changes.items()}}) + "\n")
+    reporting.log(f"resuming with config changes (accepted, recorded in "
+                  f"{workdir}/config_changes.jsonl): {config_base.format_changes(changes)}")
+    return changes
+
+
 def start(cfg, workdir: str) -> runtime_lib.Runtime:
     """Checks the workdir and the config, resolves and logs the runtime choices."""
     faults.check_workdir(workdir)
@@ -303,7 +345,7 @@ def start(cfg, workdir: str) -> runtime_lib.Runtime:
     return runtime
 
 
-def train_and_evaluate(cfg, workdir: str) -> dict:
+def train_and_evaluate(cfg, workdir: str, accept_config_changes: bool = False) -> dict:
     """Trains (resuming from <workdir>/checkpoints if present), then tests the best checkpoints.
 
     Returns the test metrics of the first selection metric's best checkpoint, or {} when the
@@ -311,11 +353,14 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     Raises faults.NonFiniteError after train.max_nonfinite_steps non-finite steps in a row.
     The first train record holds `time_to_first_step_s`: seconds from this call (data build,
     model init and compilation included) until the first step's results exist.
+    Resuming with a config that differs from <workdir>/config.json raises ConfigError unless
+    `accept_config_changes` (check_resume_config).
     """
     from cmil_jax.data import inputs  # pylint: disable=import-outside-toplevel
 
     t_start = time.perf_counter()
     runtime = start(cfg, workdir)
+    check_resume_config(cfg, workdir, accept_config_changes)
     joint = inputs.joint_splits
     data = inputs.open_splits(cfg, workdir, ("train", "val", "test", *joint(cfg, "train"),
                                              *joint(cfg, "val"), *joint(cfg, "test")))
@@ -327,7 +372,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
 
     train_iter = inputs.train_iterator(cfg, data["train"], data.get("joint_train"))
     manager = checkpoint.make_manager(workdir, cfg.train.keep_checkpoints)
-    writer = reporting.MetricWriter(workdir)
+    writer = reporting.MetricWriter(workdir, tensorboard=_tensorboard(cfg))
     restored = checkpoint.restore_latest(manager, run.abstract_state)
     start_step, loop_state = 0, {}
     if restored is not None:
@@ -361,6 +406,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
             result.update({f"joint_{k}": v for k, v in joint_result.items()})
         return result
 
+    val_preview = ValPreview(cfg, data["val"]) if writer.tensorboard is not None else None
     batches = parallel.DevicePrefetcher(train_iter, run.batch_sharding, size=cfg.data.prefetch)
     window = reporting.TrainWindow(loop_state.get("log_window", ()))  # until logged
     nonfinite = faults.NonFiniteMonitor(
@@ -400,6 +446,9 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
                 if step % cfg.train.eval_every == 0 or step == total_steps:
                     val = run_eval(state.variables())
                     writer.write(step, "val", val)
+                    if writer.tensorboard is not None:
+                        write_val_maps(writer.tensorboard, step, run, state.variables(),
+                                       val_preview)
                     improved = best.update(step, state.variables(), val)
                     reporting.log(f"step {step}: val {reporting.format_metrics(val)}"
                                   + (f" (best {', '.join(improved)})" if improved else ""))
@@ -418,6 +467,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
         best.wait()
         best.close()
         manager.close()
+        writer.close()
     if stop == "preempted":
         reporting.log(f"Preempted: checkpoint saved at step {step}; run the same command to "
                       "resume.")
@@ -432,6 +482,48 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     return results
 
 
+class ValPreview:
+    """The first val batch, kept on the host (read on first use) for the localization maps
+    that TensorBoard shows at each evaluation."""
+
+    NUM_IMAGES = 4
+
+    def __init__(self, cfg, source):
+        self.cfg, self.source, self._batch = cfg, source, None
+
+    def batch(self) -> dict:
+        if self._batch is None:
+            from cmil_jax.data import inputs  # pylint: disable=import-outside-toplevel
+
+            iterator = iter(inputs.eval_batches(self.cfg, self.source))
+            try:
+                self._batch = {"image": np.asarray(next(iterator)["image"])}
+            finally:
+                iterator.close()
+        return self._batch
+
+
+def write_val_maps(tb: reporting.TensorBoardWriter, step: int, run: Setup, variables,
+                   preview: ValPreview | None) -> None:
+    """TensorBoard image 'val/maps': the first val images beside their MIL dissimilarity map
+    1 - a_i (what predict's overlays show). Single-process runs only (process 0 writes; the
+    others would have to join the forward pass)."""
+    if preview is None or jax.process_count() > 1:
+        return
+    from cmil_jax import viz  # pylint: disable=import-outside-toplevel
+
+    images = preview.batch()["image"]
+    out = parallel.to_host(run.eval_step(variables,
+                                         parallel.to_global({"image": images}, run.batch_sharding)))
+    sim = np.asarray(out["similarity_map"])[:ValPreview.NUM_IMAGES]
+    side = int(round(np.sqrt(sim.shape[1])))
+    if side * side != sim.shape[1]:
+        return  # a non-square grid: no picture
+    rows = [np.concatenate([img, viz.overlay(img, 1.0 - m.reshape(side, side))], axis=1)
+            for img, m in zip(images, sim)]
+    tb.images(step, "val/maps", np.stack(rows))
+
+
 def evaluate_best(cfg, workdir: str, *, data=None, run: Setup | None = None) -> dict:
     """Evaluates the best checkpoint of every selection metric on the test split(s); returns
     the first one's metrics. `data` (opened splits) and `run` (setup()) are built here unless
@@ -441,7 +533,7 @@ def evaluate_best(cfg, workdir: str, *, data=None, run: Setup | None = None) -> 
     if run is None:
         run = setup(cfg, runtime=start(cfg, workdir))
     data = dict(data or {})
-    writer = reporting.MetricWriter(workdir)
+    writer = reporting.MetricWriter(workdir, tensorboard=_tensorboard(cfg))
     # (split, dataset name, sequence metrics?) tested with every best checkpoint.
     tests = [("test", cfg.data.name, True)]
     tests += [(split, cfg.data.joint_name, False) for split in inputs.joint_splits(cfg, "test")]
@@ -461,6 +553,7 @@ def evaluate_best(cfg, workdir: str, *, data=None, run: Setup | None = None) -> 
             reporting.log(f"test on {dataset} (best {metric} on val, step {step}): "
                           + reporting.format_metrics(result))
             first = first or result
+    writer.close()
     if checkpoint.is_primary():
         evaluation.write_results(workdir)
     return first

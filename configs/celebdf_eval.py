@@ -4,9 +4,11 @@
     python -m cmil_jax.main --config configs/celebdf_eval.py --workdir runs/ffpp --mode eval \
         --config.data.data_dir=DATA
 
-`--workdir` is the training run; repeat the model overrides it was trained with. The variant
-`:joint` evaluates a run of configs/joint.py. Test metrics (`auc`, `video_auc`, ...) are appended
-to that run's metrics.jsonl with split 'test'.
+`--workdir` is the training run: its model and every training override come from
+<workdir>/config.json (this config only names the dataset and split to test), so this is the
+same as configs/cross_eval.py:celebdf. The variant `:joint` also tests a run of configs/joint.py
+on its FF++ test split again. Test metrics (`auc`, `video_auc`, ...) are appended to that run's
+metrics.jsonl with split 'test'. Other benchmarks: configs/cross_eval.py.
 """
 
 import importlib.util

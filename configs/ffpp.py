@@ -1,11 +1,13 @@
 """FaceForensics++ binary detection: `--config configs/ffpp.py` (c23), `configs/ffpp.py:c40`,
-or `configs/ffpp.py:demo` (binary training on the built-in synthetic faces).
+`configs/ffpp.py:raw`, `configs/ffpp.py:c23_Deepfakes-FaceSwap` (the dataset a build with
+`--methods Deepfakes,FaceSwap` writes: ffpp/<compression>_<methods joined by '-'>), or
+`configs/ffpp.py:demo` (binary training on the built-in synthetic faces).
 
 Build the data first (docs/datasets.md):
     python -m data_prep.videos --dataset ffpp --compression c23 --raw-dir RAW --data-dir DATA
     python -m cmil_jax.main --config configs/ffpp.py --workdir runs/ffpp --config.data.data_dir=DATA
 Binary mode [paper]: one class token, one class (target = is_fake), no L_Rank. Training examples
-are genuine / SBI pseudo-fake / fake triples (method.md section 5). Records are frames of the
+are genuine / SBI pseudo-fake / fake triples (method.md, "Data and training"). Records are frames of the
 official train/val/test videos; with `eval.video_auc` (default) val and test records also get
 video-level AUC, EER and AP (frame scores averaged per `video_id`).
 """
@@ -15,14 +17,7 @@ from cmil_jax import config_base
 
 def binary(c, name="ffpp/c23"):
   """Turns a base config into the binary recipe reading TFDS dataset `name`."""
-  c.data.name = name
-  c.data.subset = "facial_components"  # only read by the synthetic demo data
-  c.data.triples = True
-  c.model.num_class_tokens = 1
-  c.model.num_classes = 1
-  c.loss.use_rank = False
-  c.eval.select_metrics = "auc"
-  return c
+  return config_base.apply_binary(c, name)
 
 
 def get_config(arg=None):
@@ -34,4 +29,8 @@ def get_config(arg=None):
     c.data.triples = True  # binary: genuine / SBI / fake balance is the point
     c.train.batch_size = 12  # triples: 36 images a step, about the plain demo's 32
     return c
-  raise ValueError(f"unknown config variant {arg!r}; expected raw, c23, c40 or demo")
+  if "_" in arg:  # a build with --methods: <compression>_<Method>-<Method>
+    name, _ = config_base.binary_dataset(f"ffpp/{arg}")  # ValueError naming a bad part
+    return binary(config_base.base_config(), name)
+  raise ValueError(f"unknown config variant {arg!r}; expected raw, c23, c40, "
+                   "<compression>_<methods> (e.g. c23_Deepfakes-FaceSwap) or demo")

@@ -8,7 +8,7 @@
 The model keeps the Seq-DeepFake heads (5 class tokens, 5 classes). Every training batch holds
 (1 - data.joint_fraction) Seq-FaceComp triples and data.joint_fraction FF++ triples. FF++ frames
 carry no sequence label: they enter with has_seq = 0, which masks L^U, L^V and L_Rank per sample
-while L_CLS uses their is_fake (method.md section 5) [ours: masking]. Each val pass also scores
+while L_CLS uses their is_fake (method.md, "Data and training") [ours: masking]. Each val pass also scores
 FF++ val (binary metrics, keys `joint_auc`, `joint_video_auc`, ...), and the best checkpoints
 are tested on both test splits (one results row per dataset).
 

@@ -278,6 +278,59 @@ def _detect(detector, image: np.ndarray, pad: float) -> lm_lib.Face | None:
     return lm_lib.Face(np.asarray(face.box, np.float32) - p, points, face.score)
 
 
+def _predictor(detector, landmarks: str):
+    """dlib's 68-point predictor when `landmarks` is 'dlib' and the detector gives no points."""
+    if landmarks == "dlib" and not isinstance(detector, lm_lib.DlibFaces):
+        return _cached("dlib", lm_lib.DlibFaces)
+    return None
+
+
+def crop_largest_face(image: np.ndarray, detector, predictor, *, pad: float = 0.0,
+                      margin: float = 0.25, image_size: int = 256, fmt: str = "jpeg",
+                      jpeg_quality: int = 95) -> dict | None:
+    """The largest face of an RGB image, cropped (``crop_face``) and landmarked:
+    dict(image bytes, landmarks float32 (68,2) in the crop, landmark_source str), or None when
+    the detector finds no face."""
+    face = _detect(detector, image, pad)
+    if face is None:
+        return None
+    points, source = lm_lib.face_landmarks(face, image, predictor)
+    crop, offset, scale = crop_face(image, face.box, margin, image_size)
+    return {"image": encode(crop, fmt, jpeg_quality),
+            "landmarks": to_crop_coords(points, offset, scale), "landmark_source": source}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageTask:
+    """One photo to detect, crop and landmark (fields as in ``VideoTask``)."""
+
+    path: str
+    image_size: int = 256
+    margin: float = 0.25
+    detector: Any = ("auto", None)
+    landmarks: str = "template"
+    pad: float = 0.0
+    fmt: str = "jpeg"
+    jpeg_quality: int = 95
+
+
+def process_image(task: ImageTask):
+    """-> ("ok", dict(image, landmarks, landmark_source)) | ("error", reason, detail): an
+    unreadable file is UNREADABLE_IMAGE, a photo without a detectable face NO_FACE."""
+    try:
+        _, image = read_image(task.path)
+    except ValueError as e:
+        return ("error", common.UNREADABLE_IMAGE, str(e))
+    detector = _detector(task.detector)
+    rec = crop_largest_face(image, detector, _predictor(detector, task.landmarks), pad=task.pad,
+                            margin=task.margin, image_size=task.image_size, fmt=task.fmt,
+                            jpeg_quality=task.jpeg_quality)
+    if rec is None:
+        return ("error", common.NO_FACE, f"the face detector found no face in the "
+                f"{image.shape[1]}x{image.shape[0]} image")
+    return ("ok", rec)
+
+
 def process_video(task: VideoTask):
     """-> ("ok", (frames, notes)) | ("error", reason, detail).
 
@@ -300,21 +353,17 @@ def process_video(task: VideoTask):
     except (ValueError, OSError) as e:
         return ("error", common.UNREADABLE_VIDEO, str(e))
     detector = _detector(task.detector)
-    predictor = None
-    if task.landmarks == "dlib" and not isinstance(detector, lm_lib.DlibFaces):
-        predictor = _cached("dlib", lm_lib.DlibFaces)
+    predictor = _predictor(detector, task.landmarks)
     out = []
     for index, image in frames:
-        face = _detect(detector, image, task.pad)
-        if face is None:
+        rec = crop_largest_face(image, detector, predictor, pad=task.pad, margin=task.margin,
+                                image_size=task.image_size, fmt=task.fmt,
+                                jpeg_quality=task.jpeg_quality)
+        if rec is None:
             notes["frames without a face"] = notes.get("frames without a face", 0) + 1
             continue
-        points, source = lm_lib.face_landmarks(face, image, predictor)
-        crop, offset, scale = crop_face(image, face.box, task.margin, task.image_size)
         name = names[index] if task.is_folder else f"{index:06d}"
-        out.append({"image": encode(crop, task.fmt, task.jpeg_quality),
-                    "landmarks": to_crop_coords(points, offset, scale),
-                    "frame_index": int(index), "name": name, "landmark_source": source})
+        out.append({**rec, "frame_index": int(index), "name": name})
     if not out:
         return ("error", common.NO_FACE, f"no face in any of {len(frames)} sampled frames")
     return ("ok", (out, notes))

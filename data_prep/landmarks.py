@@ -2,7 +2,7 @@
 
 Two tiers:
 
-* The ``landmarks`` extra (``pip install 'cmil_jax[landmarks]'``: dlib-bin and
+* The ``landmarks`` extra (``pip install -e '.[landmarks]'``: dlib-bin and
   face-recognition-models, whose 68-point shape predictor ships inside the package, so it works
   offline): dlib's HOG face detector and the iBUG 68-point predictor, per image.
 * Without it: a mean 68-point template, placed either by the alignment that a dataset's faces
@@ -265,7 +265,7 @@ DETECTOR_KINDS = ("auto", "dlib", "haar", "yunet")
 
 def no_detector_message() -> str:
     return ("no face detector is available: install the landmarks extra "
-            "(pip install 'cmil_jax[landmarks]', dlib + its 68-point model, works offline), "
+            "(pip install -e '.[landmarks]', dlib + its 68-point model, works offline), "
             "or pass --detector haar --detector-model haarcascade_frontalface_default.xml "
             "(shipped by OpenCV 4.x; this OpenCV "
             f"{cv2.__version__} has none in cv2.data.haarcascades), or --detector yunet "
@@ -293,7 +293,7 @@ def make_detector(kind: str = "auto", model_path: str | None = None):
     if kind == "dlib":
         if not dlib_available():
             raise NoDetectorError("--detector dlib needs the landmarks extra: "
-                                  "pip install 'cmil_jax[landmarks]'")
+                                  "pip install -e '.[landmarks]'")
         return DlibFaces()
     if kind == "haar":
         if model_path is None and haar_cascade_path() is None:

@@ -337,7 +337,7 @@ def _landmark_mode(requested: str) -> str:
         return "dlib" if lm_lib.dlib_available() else "template"
     if requested == "dlib" and not lm_lib.dlib_available():
         raise common.BuildError("--landmarks dlib needs the landmarks extra: "
-                                "pip install 'cmil_jax[landmarks]'")
+                                "pip install -e '.[landmarks]'")
     return requested
 
 
@@ -368,7 +368,7 @@ def build(raw_dir: str, data_dir: str, subset: str, *, image_size: int = 256,
               "of the Seq-DeepFake faces, the same for every image"
               + ("" if landmarks == "template" else
                  " (the 'landmarks' extra is not installed; for per-image landmarks: "
-                 "pip install 'cmil_jax[landmarks]' and rebuild with --overwrite)"), flush=True)
+                 "pip install -e '.[landmarks]' and rebuild with --overwrite)"), flush=True)
     log = log or common.SkipLog(max_skipped)
     report_dir = common.dataset_dir(data_dir, BUILDER_NAME, subset)
     try:
@@ -404,7 +404,8 @@ def _parse_anchors(text: str | None):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_prep.seq_deepfake",
-                                description=__doc__.split("\n\n")[0])
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--raw-dir", required=True, help="the unpacked Seq-DeepFake release")
     p.add_argument("--data-dir", required=True, help="TFDS data dir to write into")
     p.add_argument("--subsets", default="",

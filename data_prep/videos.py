@@ -139,6 +139,28 @@ def _read_pairs(path: str) -> list[tuple[str, str]]:
     return [tuple(p) for p in data]
 
 
+def ffpp_config(compression: str, methods=FFPP_METHODS) -> str:
+    """Config name of an FF++ build: the compression ('c23'), followed by the methods when they
+    are not the four standard ones ('c23_Deepfakes-FaceSwap'); the dataset is 'ffpp/<this>'."""
+    methods = tuple(methods)
+    return compression if methods == FFPP_METHODS else f"{compression}_{'-'.join(methods)}"
+
+
+def parse_ffpp_config(config: str) -> tuple[str, tuple[str, ...]]:
+    """(compression, methods) of an FF++ config name (the inverse of ffpp_config); ValueError
+    naming what is wrong."""
+    compression, _, rest = config.partition("_")
+    methods = tuple(rest.split("-")) if rest else FFPP_METHODS
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"FF++ config {config!r}: compression {compression!r} is not one of "
+                         f"{COMPRESSIONS}")
+    bad = [m for m in methods if m not in FFPP_ALL_METHODS]
+    if bad:
+        raise ValueError(f"FF++ config {config!r}: unknown methods {bad}; known: "
+                         f"{FFPP_ALL_METHODS}")
+    return compression, methods
+
+
 def list_ffpp(raw_dir: str, log: common.SkipLog, compression: str = "c23",
               methods=FFPP_METHODS, splits_dir: str | None = None) -> Plan:
     """FF++: real 'youtube/<id>' and fake '<method>/<a>_<b>' (both orders) per split pair."""
@@ -172,8 +194,7 @@ def list_ffpp(raw_dir: str, log: common.SkipLog, compression: str = "c23",
                 for name in (f"{a}_{b}", f"{b}_{a}"):
                     _add(videos, log, raw_dir, split, os.path.join(fake_dirs[m], f"{name}.mp4"),
                          f"{m}/{name}", 1, m, f"{split}.json")
-    config = compression if tuple(methods) == FFPP_METHODS else \
-        f"{compression}_{'-'.join(methods)}"
+    config = ffpp_config(compression, methods)
     return Plan(config, videos, description=f"FaceForensics++ {compression}, "
                 f"methods {', '.join(methods)}")
 
@@ -499,7 +520,7 @@ def build(dataset: str, raw_dir: str, data_dir: str, *, frames: int = 32, image_
         landmarks = "dlib" if lm_lib.dlib_available() else "template"
     elif landmarks == "dlib" and not lm_lib.dlib_available():
         raise common.BuildError("--landmarks dlib needs the landmarks extra: "
-                                "pip install 'cmil_jax[landmarks]'")
+                                "pip install -e '.[landmarks]'")
     lm_text = ("dlib 68-point predictor" if landmarks == "dlib" else
                "the detector's 68 points, else the mean template fitted to each face (install "
                "the landmarks extra for per-face landmarks)")
@@ -528,29 +549,36 @@ def build(dataset: str, raw_dir: str, data_dir: str, *, frames: int = 32, image_
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_prep.videos",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", required=True, choices=sorted(DATASETS))
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", required=True, choices=sorted(DATASETS),
+                   help="benchmark to build (the dataset names it writes: module docstring)")
     p.add_argument("--raw-dir", required=True, help="the benchmark as downloaded and unpacked")
     p.add_argument("--data-dir", required=True, help="TFDS data dir to write into")
     p.add_argument("--frames", type=int, default=32, help="frames sampled per video")
     p.add_argument("--image-size", type=int, default=256, help="stored crop side in pixels")
     p.add_argument("--margin", type=float, default=0.25,
                    help="crop margin on each side, as a fraction of the face box side")
-    p.add_argument("--detector", choices=lm_lib.DETECTOR_KINDS, default="auto")
+    p.add_argument("--detector", choices=lm_lib.DETECTOR_KINDS, default="auto",
+                   help="face detector: auto = dlib (landmarks extra), else OpenCV's Haar cascade")
     p.add_argument("--detector-model", default=None,
                    help="Haar cascade XML (--detector haar) or YuNet ONNX (--detector yunet)")
-    p.add_argument("--landmarks", choices=("auto", "dlib", "template"), default="auto")
+    p.add_argument("--landmarks", choices=("auto", "dlib", "template"), default="auto",
+                   help="auto = dlib when the landmarks extra is installed, else the template")
     p.add_argument("--compression", choices=COMPRESSIONS, default="c23",
                    help="FF++ / DFD quality folder")
     p.add_argument("--methods", default=",".join(FFPP_METHODS),
-                   help="FF++ manipulation methods (comma-separated)")
+                   help="FF++ manipulation methods (comma-separated); other than the four "
+                        "standard ones the dataset is ffpp/<compression>_<A>-<B>, selected with "
+                        "configs/ffpp.py:<compression>_<A>-<B>")
     p.add_argument("--splits-dir", default=None,
                    help="folder of FF++ train/val/test.json (default RAW/splits, then RAW)")
     p.add_argument("--limit", type=int, default=0, help="at most this many videos per split")
     p.add_argument("--max-skipped", type=float, default=common.DEFAULT_MAX_SKIPPED,
                    help="fail when more than this fraction of a split's videos is skipped")
-    p.add_argument("--num-workers", type=int, default=common.default_workers())
-    p.add_argument("--jpeg-quality", type=int, default=95)
+    p.add_argument("--num-workers", type=int, default=common.default_workers(),
+                   help="decoding processes (0 or 1 = this process)")
+    p.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality of stored crops")
     p.add_argument("--overwrite", action="store_true", help="rebuild an existing dataset")
     args = p.parse_args(argv)
     try:

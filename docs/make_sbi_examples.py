@@ -61,8 +61,9 @@ def make_grid(tile: int = 160, seed: int = 0) -> np.ndarray:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.path.join(ROOT, "docs", "images", "sbi_examples.png"))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", default=os.path.join(ROOT, "docs", "images", "sbi_examples.png"),
+                        help="output PNG (the shipped figure)")
     parser.add_argument("--tile", type=int, default=160, help="tile side, px")
     args = parser.parse_args()
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

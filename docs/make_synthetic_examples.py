@@ -35,12 +35,13 @@ def _overlay(ex):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=112)
-    parser.add_argument("--columns", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--size", type=int, default=112, help="image side, px")
+    parser.add_argument("--columns", type=int, default=8, help="examples per row")
+    parser.add_argument("--seed", type=int, default=0, help="synthetic data seed")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "images",
-                                                      "synthetic_examples.png"))
+                                                      "synthetic_examples.png"),
+                        help="output PNG (the shipped figure)")
     args = parser.parse_args()
     rows = []
     for subset in SUBSETS:

@@ -613,7 +613,7 @@ def test_missing_detector_is_a_clear_error(tmp_path):
         check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert "no face detector is available" in result.stderr
-    assert "cmil_jax[landmarks]" in result.stderr
+    assert "pip install -e '.[landmarks]'" in result.stderr
 
 
 def _load_config(name, arg=None):

@@ -80,20 +80,49 @@ def test_train_resume_and_eval(tmp_path):
     assert "pixel AUC" in table and "best_fixed_acc" in table
     assert all(r["loss"] > 0 for r in records if r["split"] == "train" and "loss" in r)
 
-    # The same command with more steps resumes at step 20 instead of starting again.
-    second = _run(*common, "--config.train.num_steps=30")
+    # Resuming with a config that differs from the recorded one stops, naming the fields...
+    changed = _run(*common, "--config.train.num_steps=30", "--config.model.width=64",
+                   "--config.runtime.xla_cpu_conv=default")  # runtime fields never count
+    assert changed.returncode == 2, changed.stderr[-3000:]
+    assert "model.width: 48 -> 64" in changed.stderr
+    assert "train.num_steps: 20 -> 30" in changed.stderr
+    assert "runtime." not in changed.stderr and "--accept_config_changes" in changed.stderr
+    assert not os.path.exists(os.path.join(workdir, "config_changes.jsonl"))
+    assert len(_records(workdir)) == len(records)  # nothing ran
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["model"]["width"] == 48  # the recording is kept
+
+    # ... and the same command with more steps and the flag resumes at step 20, recording the
+    # accepted change.
+    second = _run(*common, "--config.train.num_steps=30", "--accept_config_changes")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Resumed from" in second.stdout + second.stderr
+    with open(os.path.join(workdir, "config_changes.jsonl")) as f:
+        (accepted,) = [json.loads(line) for line in f]
+    assert accepted["changes"] == {"train.num_steps": [20, 30]}
+    assert accepted["resumed_from_step"] == 20
     new_train = [r["step"] for r in _records(workdir)[len(records):]
                  if r["split"] == "train" and "loss" in r]
     assert new_train == [25, 30]
 
-    # --mode eval tests the best checkpoints again, without training.
+    # --mode eval tests the best checkpoints again, without training, with the model of the
+    # recorded config: no --config (nor any training override) needed.
     n_before = len(_records(workdir))
-    third = _run(*common, "--config.train.num_steps=30", "--mode", "eval")
+    third = _run("--workdir", workdir, "--mode", "eval")
     assert third.returncode == 0, third.stderr[-3000:]
     added = _records(workdir)[n_before:]
     assert added and all(r["split"] == "test" for r in added)
+    last_test = {r["checkpoint"]: r for r in _records(workdir)[:n_before] if r["split"] == "test"}
+    for r in added:  # the same checkpoints on the same data give the same metrics
+        assert r["step"] == last_test[r["checkpoint"]]["step"]
+        assert r["fixed_acc"] == pytest.approx(last_test[r["checkpoint"]]["fixed_acc"])
+        assert r["num_images"] == 40
+
+    # With --config, eval takes only the datasets from it; a model override is refused.
+    refused = _run("--config", "configs/seqattr.py:demo", "--workdir", workdir, "--mode", "eval",
+                   "--config.model.width=64")
+    assert refused.returncode == 2 and "model.width" in refused.stderr
+    assert "recorded with model.width=48" in refused.stderr
 
 
 def test_missing_data_fails_fast_with_path_and_command(tmp_path):

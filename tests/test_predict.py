@@ -19,7 +19,7 @@ from cmil_jax.labels import CLASS_NAMES
 from data_prep import landmarks as face_lib
 
 SIZE = 64
-KEYS = {"schema_version", "image", "fake_prob", "sequence", "class_probs", "image_size",
+KEYS = {"schema_version", "kind", "image", "fake_prob", "sequence", "class_probs", "image_size",
         "model_input_size", "face", "gradcam_class", "overlay", "checkpoint"}
 
 

@@ -1,6 +1,6 @@
 """Figure A1 of the supplementary: how P(x;k) and the patch similarities evolve over training.
 
-    python tools/figure_a1.py --workdir runs/demo [--out docs/images/figure_a1.png]
+    python tools/figure_a1.py --workdir runs/demo [--out FILE]   # default <workdir>/figure_a1.png
 
 Uses every train-state checkpoint kept in <workdir>/checkpoints (train with e.g.
 --config.train.checkpoint_every=100 --config.train.keep_checkpoints=7 to keep several) plus
@@ -85,13 +85,18 @@ def snapshot(step, emb, plabels, tau, num_lowest, example):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--num_images", type=int, default=32)
-    parser.add_argument("--max_snapshots", type=int, default=5)
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--out", default="docs/images/figure_a1.png")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--workdir", required=True,
+                        help="training run (its config.json and checkpoints are read)")
+    parser.add_argument("--num_images", type=int, default=32,
+                        help="manipulated test images in the fixed batch")
+    parser.add_argument("--max_snapshots", type=int, default=5,
+                        help="checkpoints shown (spread over the kept ones, step 0 included)")
+    parser.add_argument("--split", default="test", help="split the images come from")
+    parser.add_argument("--out", default=None,
+                        help="output PNG (None: <workdir>/figure_a1.png)")
     args = parser.parse_args(argv)
+    args.out = args.out or os.path.join(args.workdir, "figure_a1.png")
 
     cfg = predict.load_config(args.workdir)
     run = train.setup(cfg, max(1, cfg.train.num_steps))

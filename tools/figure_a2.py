@@ -2,7 +2,7 @@
 
     python tools/figure_a2.py --workdir runs/demo [--baseline_workdir runs/baseline] \
         [--classes Eyeglasses,Smiling] [--per_class 3] [--logit combined|class|patch] \
-        [--out docs/images/figure_a2.png]
+        [--out FILE]   # default <workdir>/figure_a2.png
 
 Rows: test images whose sequence contains the class (single-edit images first). Columns:
 image | ground-truth mask | Grad-CAM of the class (z = (z^U + z^V) / 2) | Grad-CAM of the
@@ -73,20 +73,24 @@ def mask_rgb(mask):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--baseline_workdir", default=None)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--workdir", required=True,
+                        help="training run (its config.json and best checkpoint are read)")
+    parser.add_argument("--baseline_workdir", default=None,
+                        help="a second run shown beside it (None: no baseline column)")
     parser.add_argument("--checkpoint", default=None, help="selection metric (default: first)")
     parser.add_argument("--classes", default=None, help="comma-separated class names")
-    parser.add_argument("--per_class", type=int, default=3)
+    parser.add_argument("--per_class", type=int, default=3, help="rows per class")
     parser.add_argument("--min_prob", type=float, default=0.5,
                         help="rows show images whose class probability exceeds this")
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--split", default="test", help="split the images come from")
     parser.add_argument("--logit", default="combined", choices=localization.GRADCAM_LOGITS,
                         help="the logit Grad-CAM explains: (z^U + z^V) / 2, z^U or z^V")
-    parser.add_argument("--batch_size", type=int, default=50)
-    parser.add_argument("--out", default="docs/images/figure_a2.png")
+    parser.add_argument("--batch_size", type=int, default=50, help="images per forward pass")
+    parser.add_argument("--out", default=None,
+                        help="output PNG (None: <workdir>/figure_a2.png)")
     args = parser.parse_args(argv)
+    args.out = args.out or os.path.join(args.workdir, "figure_a2.png")
 
     cfg, model, variables, info = predict.load_model(args.workdir, args.checkpoint)
     names = list(predict.class_names(cfg))

@@ -117,10 +117,13 @@ def main(argv=None):
     if "--" in argv:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1:]
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base_workdir", required=True)
-    parser.add_argument("--config", default="configs/seqcomp.py:demo_single")
-    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--base_workdir", required=True,
+                        help="folder receiving one run per setting")
+    parser.add_argument("--config", default="configs/seqcomp.py:demo_single",
+                        help="config every setting starts from")
+    parser.add_argument("--settings", default=",".join(SETTINGS),
+                        help="comma-separated settings to run")
     parser.add_argument("--metric", default="fixed_acc",
                         help="selection metric whose best checkpoint is reported")
     parser.add_argument("--ci", action="store_true", help="tiny runs (about a minute each)")

@@ -1,4 +1,4 @@
-"""Weak augmentation (method.md section 5): random crop, horizontal flip, colour jitter, blur.
+"""Weak augmentation (method.md, "Data and training"): random crop, horizontal flip, colour jitter, blur.
 
 NumPy + OpenCV on the host, uint8 in and uint8 out, driven by one ``np.random.Generator`` so a
 pipeline is deterministic per seed. Geometric ops (crop, flip) move the manipulation mask and

@@ -5,7 +5,7 @@
     for batch in eval_batches(cfg, splits["val"]): ...      # one padded pass
 
 Split names: 'train', 'val', 'test' read data.name; 'joint_train', 'joint_val', 'joint_test'
-read data.joint_name (joint training, method.md section 5). Batch sizes in the config are
+read data.joint_name (joint training, method.md, "Data and training"). Batch sizes in the config are
 global; each process reads its share (config_base.per_process).
 """
 

@@ -37,7 +37,7 @@ from cmil_jax.labels import MAX_LEN
 
 TRAIN_KEYS = ("image", "label", "is_fake", "mask", "has_seq")
 # What the SBI row of a triple teaches the sequence losses [ours]: 'zeros' (the all-zero
-# sequence, method.md section 5) or 'masked' (has_seq 0: the SBI image trains L_CLS only).
+# sequence, method.md, "Data and training") or 'masked' (has_seq 0: the SBI image trains L_CLS only).
 SBI_LABELS = ("zeros", "masked")
 
 _CV2_SINGLE_THREAD = False
@@ -255,7 +255,7 @@ def make_triple_train_dataset(source, *, batch_size: int, seed: int, image_size:
                               num_threads: int = 2, prefetch: int = 4,
                               has_seq: bool = True,
                               sbi_labels: str = "zeros") -> grain.IterDataset:
-    """Infinite batches of training triples (method.md section 5), 3*batch_size images each.
+    """Infinite batches of training triples (method.md, "Data and training"), 3*batch_size images each.
 
     One epoch = one pass over the shuffled genuine images. Triple t fills rows 3t, 3t+1, 3t+2:
       3t    genuine x_r (the 'real' output of self_blend), label 0s, is_fake 0, mask 0

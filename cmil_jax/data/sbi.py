@@ -1,6 +1,6 @@
 """Self-blended images (SBI): pseudo-fakes made by blending a face with a copy of itself.
 
-Follows method.md section 6 [official: Shiohara & Yamasaki, CVPR 2022]. A face image and its
+Follows method.md, "Data and training" [official: Shiohara & Yamasaki, CVPR 2022]. A face image and its
 68 landmarks give a pair (real, fake) and the blend mask:
 
 1. hull mask from the landmarks (one of four variants, ``HULL_TYPES``);

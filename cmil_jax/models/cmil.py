@@ -1,6 +1,6 @@
 """CMIL: backbone -> patch tokens + class tokens -> one transformer layer -> U/V heads + MIL embeddings.
 
-Reading order of ``CMIL.__call__`` (method.md section 2):
+Reading order of ``CMIL.__call__`` (method.md, "Model"):
   1. normalise the [0, 255] images with the ImageNet mean/std;
   2. backbone feature map (B, h, w, c);
   3. tokenize: 1x1 conv to width d + learned 2-D position embedding -> N = h*w patch tokens

@@ -5,7 +5,7 @@ XLA:CPU (jaxlib 0.10) runs convolutions through YNNPACK, whose kernels take long
 oneDNN's (the library PyTorch uses on CPU), forward and backward, and spends several passes
 over each activation on the BatchNorm statistics and their gradient (benchmarks/RESULTS.md).
 This module compiles ``onednn_conv.cc`` against the oneDNN of the ``onednn`` extra
-(``pip install 'cmil_jax[onednn]'``, or any oneDNN 3.x under ``$CMIL_ONEDNN_ROOT``) with the
+(``pip install -e '.[onednn]'``, or any oneDNN 3.x under ``$CMIL_ONEDNN_ROOT``) with the
 system's C++ compiler (``$CXX``, default g++) on first use, caches the shared library under
 ``$CMIL_JAX_CACHE`` (default ``~/.cache/cmil_jax``) and registers its calls with XLA.
 
@@ -84,7 +84,7 @@ def _find_onednn():
                 return inc, lib
     raise OneDNNUnavailable(
         "oneDNN headers and library not found (looked under "
-        f"{', '.join(str(r) for r in roots)}): pip install 'cmil_jax[onednn]' "
+        f"{', '.join(str(r) for r in roots)}): pip install -e '.[onednn]' "
         "(onednn-cpu-gomp and onednn-devel-cpu-gomp) or set CMIL_ONEDNN_ROOT"
     )
 
