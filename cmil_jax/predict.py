@@ -17,7 +17,7 @@ Model: ``<workdir>/config.json`` and the best checkpoint of ``--checkpoint`` (de
 first selection metric of the config).
 
 Faces: with a face detector (``data_prep.landmarks.make_detector('auto')``: dlib when the
-landmarks extra is installed, ``pip install 'cmil_jax[landmarks]'``, else OpenCV's bundled
+landmarks extra is installed, ``pip install -e '.[landmarks]'``, else OpenCV's bundled
 Haar cascade where the installed OpenCV ships one, or the file of ``--face_model``), the largest
 detected face is cropped as the video builders of data_prep crop it (a square around the face
 box with a 25 % margin) before resizing. Otherwise, with ``--face none``, or when no face is
@@ -137,7 +137,7 @@ def make_face_detector(face: str = "auto", model_path: str | None = None
     try:
         return face_lib.make_detector("auto", model_path), ""
     except face_lib.NoDetectorError:
-        return None, "no face detector (pip install 'cmil_jax[landmarks]')"
+        return None, "no face detector (pip install -e '.[landmarks]')"
 
 
 @dataclasses.dataclass
