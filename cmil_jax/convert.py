@@ -192,8 +192,7 @@ def resize_bias_table(table: np.ndarray, window_size: int) -> np.ndarray:
     new = 2 * window_size - 1
     if side == new:
         return table
-    import torch  # pylint: disable=import-outside-toplevel
-
+    torch = _import_torch()
     grid = torch.from_numpy(np.ascontiguousarray(table.T.reshape(1, -1, side, side)))
     out = torch.nn.functional.interpolate(
         grid, size=(new, new), mode="bicubic", align_corners=False
@@ -273,12 +272,22 @@ def _numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
+def _import_torch():
+    """torch, or an ImportError that names the extra to install."""
+    try:
+        import torch  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+        raise ImportError("reading PyTorch checkpoints needs PyTorch: pip install -e '.[torch]' "
+                          "(the CPU build)") from e
+    return torch
+
+
 def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
     """Reads a .pth/.pt file with torch.load(weights_only=True) -> {key: numpy array}.
 
     Unwraps {'model': ...}, {'state_dict': ...} and {'model_ema': ...} and a 'module.' prefix.
     """
-    import torch  # pylint: disable=import-outside-toplevel
+    torch = _import_torch()
 
     obj = torch.load(path, map_location="cpu", weights_only=True)
     for wrapper in ("model", "state_dict", "model_ema"):
@@ -452,7 +461,7 @@ def main(argv=None) -> int:
         variables = convert_checkpoint(
             args.torch_checkpoint, args.arch, args.out, args.layout, args.window_size
         )
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     meta = read_meta(args.out)

@@ -345,3 +345,17 @@ def test_init_from_loads_the_backbone_and_rejects_another_arch(tmp_path):
 
     with pytest.raises(ValueError, match=r"\(converted for resnet34\).*'layer1_2/bn1/bias'"):
         train.load_backbone_weights(state, str(bad))
+
+
+def test_without_torch_the_command_names_the_extra(tmp_path, monkeypatch, capsys):
+    """PyTorch is an optional extra: its absence is an error naming it, not a traceback."""
+    import sys
+
+    checkpoint_file = tmp_path / "r50.pth"
+    checkpoint_file.write_bytes(b"not read")
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
+    code = convert.main(["--arch", "resnet50", "--torch-checkpoint", str(checkpoint_file),
+                         "--out", str(tmp_path / "out")])
+    assert code == 1
+    assert "pip install -e '.[torch]'" in capsys.readouterr().err
+    assert not (tmp_path / "out" / convert.VARIABLES_FILE).exists()
