@@ -55,10 +55,24 @@ def _leaf_fingerprint(x):
 _fingerprint_leaves = jax.jit(lambda leaves: [_leaf_fingerprint(x) for x in leaves])
 
 
-def fingerprint(tree) -> list[int]:
-    """One 32-bit position-weighted sum of the bits of each leaf of `tree` (computed where the
+def _path_name(path) -> str:
+    """'params/backbone/conv1/kernel' for a leaf path, whatever the containers (a TrainState's
+    attributes and the dict keys orbax restores into give the same name)."""
+    names = []
+    for entry in path:
+        for attr in ("name", "key", "idx"):
+            if hasattr(entry, attr):
+                names.append(str(getattr(entry, attr)))
+                break
+    return "/".join(names)
+
+
+def fingerprint(tree) -> dict[str, int]:
+    """{leaf path: a 32-bit position-weighted sum of the leaf's bits} (computed where the
     arrays are; only the sums come to the host)."""
-    return [int(v) for v in jax.device_get(_fingerprint_leaves(jax.tree.leaves(tree)))]
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    sums = jax.device_get(_fingerprint_leaves([leaf for _, leaf in flat]))
+    return {_path_name(path): int(v) for (path, _), v in zip(flat, sums)}
 
 
 def _abs(path: str) -> str:
@@ -93,7 +107,7 @@ def save(manager: ocp.CheckpointManager, step: int, state, loop_state: dict,
 
 
 def _check_fingerprint(tree, expected, where: str) -> None:
-    if expected is not None and fingerprint(tree) != list(expected):
+    if isinstance(expected, dict) and fingerprint(tree) != expected:
         raise ValueError(f"{where}: the arrays read back differ from those saved (fingerprint)")
 
 

@@ -371,6 +371,22 @@ def test_fingerprint_changes_with_any_single_bit():
     assert checkpoint.fingerprint({"x": swapped, "b": np.array([True, False])}) != base
 
 
+def test_fingerprint_does_not_depend_on_the_containers():
+    """A checkpoint saved from a TrainState is read back (in another process, by the tests'
+    tools) into plain dicts, whose leaves flatten in another order: same fingerprint."""
+    from cmil_jax.train import TrainState
+
+    state = TrainState(step=np.int32(3), params={"w": np.arange(4.0, dtype=np.float32)},
+                       batch_stats={"m": np.ones(2, np.float32)},
+                       opt_state={"count": np.int32(7)})
+    as_dicts = {"batch_stats": {"m": np.ones(2, np.float32)}, "opt_state": {"count": np.int32(7)},
+                "params": {"w": np.arange(4.0, dtype=np.float32)}, "step": np.int32(3)}
+    assert jax.tree.leaves(state)[0].shape != jax.tree.leaves(as_dicts)[0].shape  # other order
+    assert checkpoint.fingerprint(state) == checkpoint.fingerprint(as_dicts)
+    assert set(checkpoint.fingerprint(state)) == {"step", "params/w", "batch_stats/m",
+                                                 "opt_state/count"}
+
+
 def test_damaged_best_checkpoint_falls_back_to_the_runner_up(tmp_path, capsys):
     keeper = checkpoint.BestKeeper(str(tmp_path), ["auc"])
     for step, auc in ((5, 0.6), (10, 0.8)):
