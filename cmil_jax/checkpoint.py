@@ -18,12 +18,16 @@ per leaf that changes with any single flipped bit), and a checkpoint that fails 
 match it is passed over for the next older one, with a warning naming both; when none is good,
 ``CheckpointError`` names the directory (the command exits 2) rather than starting from step 0.
 Best checkpoints keep the best two per metric for the same reason.
+A full disk while writing (orbax writes in the background: the error may surface at the next
+save or wait) raises ``disk.DiskFullError`` naming the directory and the newest complete
+checkpoint, which the failed save left intact (its temporary directory is never restored).
 Every process calls save/restore (orbax coordinates them): array shards are written by the
 processes that hold them, the JSON by process 0. The 'data' position is the same on every
 process (each reads the same number of batches of its share), so one copy serves them all,
 and a checkpoint written by N processes restores on any number of processes.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -32,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax import lax
+
+from cmil_jax import disk
 
 FINGERPRINT_KEY = "fingerprint"
 _WEIGHT = 2654435761  # odd (Knuth's multiplicative hash constant)
@@ -92,18 +98,50 @@ def save(manager: ocp.CheckpointManager, step: int, state, loop_state: dict,
     fingerprint added); no-op if `step` exists.
 
     Asynchronous: returns once the arrays are copied off the devices; `wait` blocks until the
-    checkpoint is on disk (before exiting).
+    checkpoint is on disk (before exiting). DiskFullError when the disk fills up, whether
+    during this save or the previous one (still being written when this one starts).
     """
-    if step not in manager.all_steps():
-        loop_state = {**loop_state, FINGERPRINT_KEY: fingerprint(state)}
-        manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop_state)
-            ),
-        )
-    if wait:
+    with _writing(manager):
+        # The previous save must end first anyway (orbax waits for it); waiting here makes its
+        # error, if any, surface before this save starts rather than from inside it.
         manager.wait_until_finished()
+        if step not in manager.all_steps():
+            loop_state = {**loop_state, FINGERPRINT_KEY: fingerprint(state)}
+            manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop_state)
+                ),
+            )
+        if wait:
+            manager.wait_until_finished()
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+    """Blocks until the manager's saves are on disk; DiskFullError when one ran out of space."""
+    with _writing(manager):
+        manager.wait_until_finished()
+
+
+def close(manager: ocp.CheckpointManager) -> None:
+    """manager.close(), which waits for its saves too: DiskFullError as `wait`."""
+    with _writing(manager):
+        manager.close()
+
+
+@contextlib.contextmanager
+def _writing(manager: ocp.CheckpointManager):
+    """disk.writing for a checkpoint directory: the message names it and the newest complete
+    checkpoint (a finished step directory; the failed save's temporary one does not count)."""
+    directory = str(manager.directory)
+    try:
+        with disk.writing(f"a checkpoint under {directory}"):
+            yield
+    except disk.DiskFullError as e:
+        steps = _step_dirs(directory)
+        kept = (f"the newest complete checkpoint, {os.path.join(directory, str(steps[-1]))}, "
+                "is intact" if steps else "no complete checkpoint there yet")
+        raise disk.DiskFullError(f"{e}; {kept}") from e.__cause__
 
 
 def _check_fingerprint(tree, expected, where: str) -> None:
@@ -177,18 +215,19 @@ class BestKeeper:
             if best_value is None or metrics[name] > best_value:
                 scores = {k: float(v) for k, v in metrics.items()}
                 scores[FINGERPRINT_KEY] = fingerprint(variables)
-                manager.save(step, args=ocp.args.StandardSave(variables), metrics=scores,
-                             force=True)
+                with _writing(manager):
+                    manager.save(step, args=ocp.args.StandardSave(variables), metrics=scores,
+                                 force=True)
                 improved.append(name)
         return improved
 
     def wait(self):
         for manager in self.managers.values():
-            manager.wait_until_finished()
+            wait(manager)
 
     def close(self):
         for manager in self.managers.values():
-            manager.close()
+            close(manager)
 
 
 def _saved_metrics(manager: ocp.CheckpointManager, step: int) -> dict:
@@ -249,11 +288,8 @@ def restore_best(workdir: str, metric: str, abstract_variables):
 
 
 def write_json(path: str, obj) -> None:
-    """Writes JSON atomically (temporary file + rename)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    """Writes JSON atomically (temporary file + rename; disk.write_atomic)."""
+    disk.write_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def is_primary() -> bool:

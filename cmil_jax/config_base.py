@@ -124,6 +124,10 @@ def base_config() -> ml_collections.ConfigDict:
     # 0 = never stop.
     c.train.max_nonfinite_steps = 10
     c.train.debug_nonfinite_steps = ""  # testing hook: steps whose loss is set to NaN, "3,7-9"
+    # Testing hook: SIGTERM to the run itself, as a preemption would send it, at 'eval:N' (during
+    # the evaluation of step N), 'save:N' (while the checkpoint of step N is written) or 'test'
+    # (during the test of the best checkpoints); comma separated (faults.SigtermHook).
+    c.train.debug_sigterm_at = ""
     # Every metrics.jsonl scalar (train, val, test) also goes to TensorBoard event files in
     # <workdir>/tensorboard (tensorboardX), with val localization maps at each evaluation.
     c.train.tensorboard = True
@@ -276,11 +280,152 @@ def joint_batch_size(cfg, processes: int) -> int:
     return round(per_process(cfg.train.batch_size, processes) * cfg.data.joint_fraction)
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float(
+        "inf")
+
+
+def _at_least(low, integer=True):
+    ok = _is_int if integer else _is_number
+    return (lambda v: ok(v) and v >= low), (
+        f"must be an integer >= {low}" if integer else f"must be a number >= {low}")
+
+
+def _in_range(low, high, high_open=False):
+    return ((lambda v: _is_number(v) and low <= v and (v < high if high_open else v <= high)),
+            f"must be a number in [{low}, {high}{')' if high_open else ']'}")
+
+
+def _positive():
+    return (lambda v: _is_number(v) and v > 0), "must be a number > 0"
+
+
+def _pair(low, high):
+    """A (lo, hi) pair with low <= lo <= hi <= high (high None: unbounded)."""
+    def ok(v):
+        return (isinstance(v, (tuple, list)) and len(v) == 2 and all(map(_is_number, v))
+                and low <= v[0] <= v[1] and (high is None or v[1] <= high))
+    return ok, (f"must be a pair (lo, hi) with {low} <= lo <= hi"
+                + (f" <= {high}" if high is not None else ""))
+
+
+def _one_of(*names):
+    return (lambda v: v in names), f"must be one of {names}"
+
+
+# The backbones' output stride (models.FEATURE_STRIDES): a side of at least one feature-map
+# cell. ResNets take any side above it (their strided layers round up: 72 px gives 3 x 3 cells).
+MIN_IMAGE_SIZE = 32
+SWIN_SIDE_MULTIPLE = 32  # Swin: patch 4 times three 2x merges, no padding (models/swin.py)
+MODEL_DTYPES = ("float32", "bfloat16")
+
+
+def check_values(cfg) -> None:
+    """Range and type checks of the sizes, counts, rates and choices of a config that need
+    neither JAX nor the devices (validate adds those), so that a bad value, given on the
+    command line or found in a recorded config.json, stops before anything starts.
+    Raises ConfigError 'config field <field>=<value>: <what is expected>'."""
+    checks = {
+        "seed": ((lambda v: _is_int(v)), "must be an integer"),
+        "data.image_size": _at_least(MIN_IMAGE_SIZE),
+        "data.num_workers": _at_least(0),
+        "data.prefetch": _at_least(0),
+        "data.max_bad_records": _at_least(0),
+        "data.augment.flip_p": _in_range(0, 1),
+        "data.augment.crop_mode": _one_of("resized", "pad", "none"),
+        "data.augment.crop_p": _in_range(0, 1),
+        "data.augment.crop_scale": _pair(1e-6, 1),
+        "data.augment.crop_ratio": _pair(1e-6, None),
+        "data.augment.crop_pad": _in_range(0, 0.5, high_open=True),
+        "data.augment.jitter_p": _in_range(0, 1),
+        "data.augment.brightness": _at_least(0, integer=False),
+        "data.augment.contrast": _at_least(0, integer=False),
+        "data.augment.saturation": _at_least(0, integer=False),
+        "data.augment.hue": _in_range(0, 0.5),
+        "data.augment.blur_p": _in_range(0, 1),
+        "data.augment.blur_sigma": _pair(0, None),
+        "model.backbone_width": _at_least(1),
+        "model.width": _at_least(1),
+        "model.num_heads": _at_least(1),
+        "model.mlp_ratio": _positive(),
+        "model.embed_dim": _at_least(1),
+        "model.pool_temperature": _positive(),
+        "model.num_class_tokens": _at_least(1),
+        "model.num_classes": _at_least(1),
+        "model.dtype": _one_of(*MODEL_DTYPES),
+        "loss.alpha": _at_least(0, integer=False),
+        "loss.lambda1": _at_least(0, integer=False),
+        "loss.lambda2": _at_least(0, integer=False),
+        "loss.tau": _positive(),
+        "loss.num_lowest": _at_least(0),
+        "loss.rank_order": _one_of("first_high", "last_high"),
+        "train.batch_size": _at_least(1),
+        "train.num_steps": _at_least(0),
+        "train.lr": _positive(),
+        "train.backbone_lr_mult": _at_least(0, integer=False),
+        "train.weight_decay": _at_least(0, integer=False),
+        "train.warmup_steps": _at_least(0),
+        "train.b1": _in_range(0, 1, high_open=True),
+        "train.b2": _in_range(0, 1, high_open=True),
+        "train.grad_clip": _at_least(0, integer=False),
+        "train.log_every": _at_least(1),
+        "train.eval_every": _at_least(1),
+        "train.checkpoint_every": _at_least(1),
+        "train.keep_checkpoints": _at_least(1),
+        "train.max_nonfinite_steps": _at_least(0),
+        "eval.batch_size": _at_least(1),
+        "eval.threshold": _in_range(0, 1),
+        "eval.select_metrics": ((lambda v: isinstance(v, str) and any(
+            m.strip() for m in v.split(","))), "must name at least one metric, comma separated"),
+    }
+    if cfg.train.get("num_steps") == 0:  # the length comes from the epochs
+        checks["train.num_epochs"] = (lambda v: _is_int(v) and v >= 1), (
+            "must be an integer >= 1 when train.num_steps is 0")
+    if str(cfg.data.get("name", "")).startswith("cmil_synthetic"):
+        for split in ("train", "val", "test"):
+            checks[f"data.synthetic.num_{split}"] = _at_least(1)
+    for field, (ok, why) in checks.items():
+        try:
+            value = _get_field(cfg, field)
+        except (KeyError, AttributeError):
+            continue  # a field an older recorded config lacks: its default applies
+        if not ok(value):
+            raise ConfigError(f"config field {field}={value!r}: {why}")
+    model = cfg.model
+    if str(model.backbone).startswith("swin") and cfg.data.image_size % SWIN_SIDE_MULTIPLE:
+        raise ConfigError(f"config field data.image_size={cfg.data.image_size}: the "
+                          f"{model.backbone} backbone needs a multiple of {SWIN_SIDE_MULTIPLE}")
+    if model.width % model.num_heads:
+        raise ConfigError(f"config field model.num_heads={model.num_heads}: must divide "
+                          f"model.width={model.width}")
+    if model.num_class_tokens != model.num_classes:
+        raise ConfigError(f"config field model.num_class_tokens={model.num_class_tokens}: must "
+                          f"equal model.num_classes={model.num_classes} (one class token per "
+                          "class logit)")
+    parse_steps(cfg.train.get("debug_nonfinite_steps", ""))
+    parse_sigterm_points(cfg.train.get("debug_sigterm_at", ""))
+    if "video" in cfg:
+        check_video(cfg.video)
+
+
 def validate(cfg, devices: int, processes: int) -> None:
-    """Checks what lock_config cannot: values that fit the devices and processes of this run,
-    and the names of the runtime section. Raises ConfigError naming the field."""
+    """Checks what lock_config cannot: sizes, counts and choices (check_values), values that
+    fit the devices and processes of this run, the backbone and the names of the runtime
+    section. Raises ConfigError naming the field."""
+    from cmil_jax import models  # pylint: disable=import-outside-toplevel
     from cmil_jax import runtime  # pylint: disable=import-outside-toplevel
 
+    check_values(cfg)
+    if cfg.model.backbone not in models.BACKBONES:
+        raise ConfigError(f"config field model.backbone={cfg.model.backbone!r}: must be one of "
+                          f"{tuple(sorted(models.BACKBONES))}")
+    if cfg.model.patch_pool not in models.cmil.PATCH_POOLS:
+        raise ConfigError(f"config field model.patch_pool={cfg.model.patch_pool!r}: must be one "
+                          f"of {tuple(models.cmil.PATCH_POOLS)}")
     runtime.check(cfg.runtime)
     images = cfg.train.batch_size * (3 if cfg.data.triples else 1)
     checks = [
@@ -290,11 +435,6 @@ def validate(cfg, devices: int, processes: int) -> None:
          f"must be a multiple of the {processes} processes"),
         ("eval.batch_size", cfg.eval.batch_size % devices == 0,
          f"must be a multiple of the {devices} devices"),
-        ("train.log_every", cfg.train.log_every > 0, "must be positive"),
-        ("train.eval_every", cfg.train.eval_every > 0, "must be positive"),
-        ("train.checkpoint_every", cfg.train.checkpoint_every > 0, "must be positive"),
-        ("train.max_nonfinite_steps", cfg.train.max_nonfinite_steps >= 0, "must be >= 0"),
-        ("data.max_bad_records", cfg.data.max_bad_records >= 0, "must be >= 0"),
     ]
     if cfg.data.joint_name and cfg.train.batch_size % processes == 0:
         share = cfg.train.batch_size // processes
@@ -307,9 +447,22 @@ def validate(cfg, devices: int, processes: int) -> None:
         if not ok:
             section, name = field.split(".")
             raise ConfigError(f"config field {field}={cfg[section][name]}: {why}")
-    parse_steps(cfg.train.debug_nonfinite_steps)
-    if "video" in cfg:
-        check_video(cfg.video)
+
+
+def parse_sigterm_points(spec: str) -> set:
+    """train.debug_sigterm_at: 'eval:10,save:20,test' -> {('eval', 10), ('save', 20),
+    ('test', None)} (faults.SigtermHook); ConfigError saying what is expected."""
+    points = set()
+    for part in filter(None, (p.strip() for p in str(spec or "").split(","))):
+        point, _, step = part.partition(":")
+        if point == "test" and not step:
+            points.add(("test", None))
+        elif point in ("eval", "save") and step.isdigit() and int(step) > 0:
+            points.add((point, int(step)))
+        else:
+            raise ConfigError(f"config field train.debug_sigterm_at={spec!r}: {part!r} is not "
+                              "'eval:STEP', 'save:STEP' or 'test' (comma separated)")
+    return points
 
 
 def parse_steps(spec: str) -> tuple[int, ...]:
@@ -339,8 +492,21 @@ def load_recorded(path: str) -> ml_collections.ConfigDict:
     """
     import json  # pylint: disable=import-outside-toplevel
 
-    with open(path) as f:
-        recorded = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            recorded = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: "
+                          f"{e.msg}); it is the run's recorded config: restore it, or pass "
+                          "--config with a new --workdir") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); it is "
+                          "the run's recorded config") from e
+    sections = ("model", "data", "loss", "train", "eval")
+    if not isinstance(recorded, dict) or not all(
+            isinstance(recorded.get(s), dict) for s in sections):
+        raise ConfigError(f"{path}: expected a JSON object with the config sections "
+                          f"{', '.join(sections)} (the run's recorded config)")
     recorded.pop("resolved_runtime", None)
     model = recorded.get("model", {})
     if "runtime" not in recorded:
@@ -366,6 +532,7 @@ RESUME_FREE_FIELDS = (
     "data.data_dir", "data.num_workers", "data.prefetch",
     "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.tensorboard",  # what is reported, not what is trained
+    "train.debug_sigterm_at",  # when a test stops the run, not what it computes
     "video.",  # how predict (and video evaluation) turn frames into a video score
     "eval.batch_size",
 )

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from cmil_jax import disk
 from cmil_jax import metrics as metrics_lib
 from cmil_jax import parallel
 from cmil_jax.localization import LocalizationMeter
@@ -65,7 +66,7 @@ HIDDEN = ("f1_macro", "video_eer", "video_ap", "best_iou_threshold", "num_videos
 
 
 def evaluate(eval_step, variables, dataset, batch_sharding, cfg, video_ids=None,
-             sequence: bool = True) -> dict:
+             sequence: bool = True, interrupt=None) -> dict:
     """Runs `eval_step` (train.make_eval_step) over a finite dataset and returns the metrics of
     method.md, "Decoding and metrics".
 
@@ -73,25 +74,31 @@ def evaluate(eval_step, variables, dataset, batch_sharding, cfg, video_ids=None,
     detection metrics (frame level, and video level when `video_ids`, the (N,) video of each
     record of the split, is given and eval.video_auc is on) and the localization of the MIL
     similarity map against the records' manipulation masks.
+    `interrupt`: called after each batch; what it raises (faults.Preempted on SIGTERM) ends
+    the pass, the input pipeline closed.
     """
     collected = collections.defaultdict(list)
     meter = LocalizationMeter()
     iterator = iter(dataset)
-    for batch in iterator:
-        device_batch = parallel.to_global(
-            {k: batch[k] for k in ("image", "label", "is_fake", "valid", "mask", "index")},
-            batch_sharding,
-        )
-        predictions = eval_step(variables, device_batch)
-        # Everything but the images back on every host (gathered over processes).
-        out = parallel.to_host(
-            {**predictions, **{k: v for k, v in device_batch.items() if k != "image"}}
-        )
-        valid = out["valid"] > 0
-        for key in ("probs", "fake_prob", "label", "is_fake", "index"):
-            collected[key].append(np.asarray(out[key])[valid])
-        meter.add_similarity(out["similarity_map"], out["mask"], out["valid"])
-    iterator.close()
+    try:
+        for batch in iterator:
+            device_batch = parallel.to_global(
+                {k: batch[k] for k in ("image", "label", "is_fake", "valid", "mask", "index")},
+                batch_sharding,
+            )
+            predictions = eval_step(variables, device_batch)
+            # Everything but the images back on every host (gathered over processes).
+            out = parallel.to_host(
+                {**predictions, **{k: v for k, v in device_batch.items() if k != "image"}}
+            )
+            valid = out["valid"] > 0
+            for key in ("probs", "fake_prob", "label", "is_fake", "index"):
+                collected[key].append(np.asarray(out[key])[valid])
+            meter.add_similarity(out["similarity_map"], out["mask"], out["valid"])
+            if interrupt is not None:
+                interrupt()
+    finally:
+        iterator.close()
     probs = np.concatenate(collected["probs"])
     fake_prob = np.concatenate(collected["fake_prob"])
     label = np.concatenate(collected["label"])
@@ -262,10 +269,7 @@ def write_results(workdir: str, rows: Iterable[dict] | None = None,
     text = (f"# {title}\n\n`{os.path.abspath(workdir)}`; rates in %, each row the best "
             f"checkpoint on val for the metric named in 'checkpoint'.\n\n{table}")
     path = os.path.join(workdir, filename)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    disk.write_atomic(path, text)
     print(table, end="", flush=True)
     return path
 

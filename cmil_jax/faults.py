@@ -2,6 +2,10 @@
 
 PreemptionWatcher  SIGTERM -> the loop saves a checkpoint at the next step boundary and exits 0.
                    With several processes, JAX's preemption sync point picks one step for all.
+                   With one, an evaluation under way is abandoned between two batches
+                   (Preempted) and redone on resume.
+SigtermHook        testing hook (train.debug_sigterm_at): SIGTERM to this process during an
+                   evaluation, a checkpoint write or the test of the best checkpoints.
 NonFiniteMonitor   counts train steps in a row whose loss or gradients were NaN/Inf (the jitted
                    step already skipped their updates) and says when to stop the run.
 SkipBadRecords     wraps a training source: a record that cannot be read or is malformed is
@@ -22,6 +26,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from cmil_jax import config_base
+from cmil_jax import disk
 from cmil_jax.data.landmarks68 import NUM_LANDMARKS
 from cmil_jax.labels import MAX_LEN, NUM_CLASSES
 
@@ -37,13 +43,20 @@ class DataError(ValueError):
 # Preemption
 
 
+class Preempted(Exception):
+    """SIGTERM arrived during an evaluation, which was abandoned (PreemptionWatcher.check)."""
+
+
 class PreemptionWatcher:
     """Tells the loop when to save and stop because the job got SIGTERM (preemption, scancel).
 
-    One process: a Python SIGTERM handler sets a flag, read at each step boundary (no sync).
+    One process: a Python SIGTERM handler sets a flag, read at each step boundary (no sync)
+    and, through `check`, between the batches of an evaluation, so that a long evaluation does
+    not outlast the grace period before SIGKILL.
     Several processes: `jax.distributed` installs its own SIGTERM notifier and
     `reached_preemption_sync_point(step)` returns True on every process at the same step, so
-    all of them save the same checkpoint even when only one got the signal.
+    all of them save the same checkpoint even when only one got the signal; an evaluation
+    under way runs to its end first (every process must run the same batches).
     Use as a context manager; on exit the previous SIGTERM handler is restored.
     """
 
@@ -74,6 +87,43 @@ class PreemptionWatcher:
             except RuntimeError:  # jax_enable_preemption_service is off
                 return False
         return self._requested
+
+    @property
+    def requested(self) -> bool:
+        """SIGTERM arrived (one process; with several, always False: see should_stop)."""
+        return self._requested
+
+    def check(self) -> None:
+        """Raises Preempted when SIGTERM arrived (one process; a no-op with several). Called
+        between the batches of an evaluation."""
+        if self._requested:
+            raise Preempted()
+
+
+class SigtermHook:
+    """Testing hook (config field train.debug_sigterm_at): sends this process SIGTERM at
+    chosen points, as a preemption would, to test what the loop does then.
+
+    spec: comma-separated points, 'eval:N' (during the evaluation at step N, after its first
+    batch), 'save:N' (while the checkpoint of step N is being written: right after its
+    asynchronous write started) and 'test' (during the test of the best checkpoints, after
+    the first batch). A point fires once, and only in a run that trained that step (for
+    'test': that trained any step), so a resumed run that redoes the evaluation of step N does
+    not fire it again.
+    """
+
+    def __init__(self, spec: str, start_step: int = 0):
+        self.points = config_base.parse_sigterm_points(spec)
+        self.start_step = start_step
+        self.fired = set()
+
+    def __call__(self, point: str, step: int) -> None:
+        """Sends SIGTERM if (point, step) is one of the spec's points; `step`: the step being
+        evaluated or saved, for 'test' the last step trained."""
+        key = (point, None if point == "test" else step)
+        if key in self.points and key not in self.fired and step > self.start_step:
+            self.fired.add(key)
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,8 +267,7 @@ class SkipBadRecords:
     def _log(self, index: int, error: Exception):
         entry = {"source": repr(self.source), "index": int(index), "error": str(error)}
         print(f"skipping bad record: {error}", flush=True)
-        with open(self.log_path, "a") as f:  # one short line: atomic append
-            f.write(json.dumps(entry) + "\n")
+        disk.append_line(self.log_path, json.dumps(entry))  # one line, whole or not at all
 
 
 def bad_records_path(workdir: str) -> str:
@@ -231,11 +280,19 @@ def count_bad_records(workdir: str) -> int:
     """Distinct records skipped so far, over all bad_records*.jsonl files in `workdir`."""
     seen = set()
     for path in glob.glob(os.path.join(workdir, "bad_records*.jsonl")):
-        with open(path) as f:
-            for line in f:
-                if line.strip():
-                    entry = json.loads(line)
-                    seen.add((entry["source"], entry["index"]))
+        with open(path, "rb") as f:
+            lines = f.read().decode("utf-8", errors="replace").splitlines(keepends=True)
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                seen.add((entry["source"], entry["index"]))
+            except (ValueError, TypeError, KeyError) as e:
+                if number == len(lines) and not line.endswith("\n"):
+                    continue  # a last line cut short by a crash: that record is logged again
+                raise DataError(f"{path} line {number}: not a bad-record entry (a JSON object "
+                                f"with 'source' and 'index'): {line.strip()[:80]!r}") from e
     return len(seen)
 
 
@@ -256,4 +313,7 @@ def check_workdir(workdir: str) -> None:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
+        if e.errno in disk.DISK_FULL_ERRNOS:
+            raise disk.DiskFullError(f"out of disk space writing to --workdir {workdir} "
+                                     f"({e.strerror})") from e
         raise WorkdirError(f"cannot write to --workdir {workdir}: {e.strerror or e}") from e

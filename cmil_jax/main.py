@@ -34,12 +34,18 @@ initialised when --num_processes (or JAX_NUM_PROCESSES) is above 1, with --coord
 and --process_id (or JAX_COORDINATOR_ADDRESS, JAX_PROCESS_ID), or automatically under SLURM
 (SLURM_NTASKS > 1) and Open MPI.
 
-Exit status: 0 done or preempted (SIGTERM: checkpoint saved), 2 bad input (data, config,
-workdir), 3 stopped by non-finite losses.
+Exit status: 0 done or preempted (SIGTERM: checkpoint saved; during an evaluation it is
+abandoned and redone on resume), 2 bad input (data, config or override, workdir, checkpoints;
+the message names the file or field), 3 stopped by non-finite losses, 4 out of disk space
+(the message names the file; the previous checkpoint and metrics.jsonl are intact: free space
+and run the same command to resume).
 """
 
 import os
+import re
 import sys
+import threading
+import time
 
 from absl import app
 from absl import flags
@@ -120,6 +126,44 @@ def _run_config(workdir: str):
                                    where=recorded_path)
 
 
+def _override_error(argv, error: Exception) -> str:
+    """The message for a --config or --config.x=y flag that cannot be parsed: the flag, and
+    for a field that does not exist, its full name and the closest existing one."""
+    text = str(error)
+    if isinstance(error, flags.Error):
+        # It names the flag ('flag --config.data.image_size=abc: invalid literal ...'); an
+        # error inside the config file comes with its traceback: keep its first and last line.
+        lines = [line for line in text.splitlines() if line.strip()]
+        if "Traceback (most recent call last):" in text and len(lines) > 1:
+            return f"{lines[0]} {lines[-1].strip()}"
+        return text
+    text = text.replace("\\'", "'").replace("\\n", " ")
+    key = re.search(r'instead of "([^"]+)"', text) or re.search(r"(\w+)", text)
+    guess = re.search(r'Did you mean "([^"]+)"', text)
+    for arg in argv[1:]:
+        match = re.match(r"--config\.([^=]+)", arg)
+        if key and match and key.group(1) in match.group(1).split("."):
+            path = match.group(1)
+            hint = ""
+            if guess:
+                hint = " (did you mean " + ".".join(
+                    guess.group(1) if part == key.group(1) else part
+                    for part in path.split(".")) + "?)"
+            return f"{arg}: config field {path} does not exist{hint}"
+    return f"the --config flags cannot be applied: {text}"
+
+
+def parse_flags(argv):
+    """absl's flag parsing, with exit status 2 and a message naming the flag (and the config
+    field) instead of exit 1 or a traceback when --config or an override is wrong."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        print(f"error: {_override_error(argv, e)}\nPass --helpshort or --helpfull to see help "
+              "on flags.", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:
@@ -131,14 +175,16 @@ def main(argv):
 
     try:
         cfg = _run_config(workdir)
+        config_base.check_values(cfg)  # before anything starts
         runtime.check(cfg.runtime)
     except config_base.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # a --config file that could not be loaded (reported on first use)
+        print(f"error: cannot load --config: {e}", file=sys.stderr)
+        sys.exit(2)
     runtime.apply_host_memory(cfg)  # before JAX starts its CPU backend
     _maybe_initialize_distributed()
-    from cmil_jax import checkpoint
-    from cmil_jax import faults
     from cmil_jax import train
 
     try:
@@ -146,14 +192,55 @@ def main(argv):
             train.train_and_evaluate(cfg, workdir, _ACCEPT_CHANGES.value)
         else:
             train.evaluate_best(cfg, workdir)
-    except (FileNotFoundError, faults.WorkdirError, faults.DataError, config_base.ConfigError,
-            checkpoint.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except faults.NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
+    except Exception as e:  # pylint: disable=broad-except
+        status = exit_status(e, workdir)
+        if status is None:
+            raise
+        sys.exit(status)
+
+
+def _let_background_writes_end(timeout: float = 10.0) -> None:
+    """Waits, at most `timeout` seconds, for the threads still writing (the other parts of a
+    checkpoint save that ran out of space, which log their own errors as they fail), so that
+    the error message is the last thing printed."""
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def exit_status(error: Exception, workdir: str) -> int | None:
+    """Prints 'error: ...' for an error the exit statuses of the module docstring cover and
+    returns its status; None for any other error (a bug: its traceback is shown)."""
+    # pylint: disable=import-outside-toplevel
+    from cmil_jax import checkpoint
+    from cmil_jax import config_base
+    from cmil_jax import disk
+    from cmil_jax import faults
+
+    if disk.is_disk_full(error):  # wherever it came from (a library's own write included)
+        message = str(error) if isinstance(error, disk.DiskFullError) else (
+            f"out of disk space ({(str(error).splitlines() or [''])[0][:300]})")
+        _let_background_writes_end()
+        directory = os.path.join(workdir, "checkpoints")
+        steps = [int(e) for e in os.listdir(directory) if e.isdigit()] if os.path.isdir(
+            directory) else []
+        then = (f"run the same command again: it resumes from the newest complete checkpoint "
+                f"(step {max(steps)})" if steps else
+                f"no checkpoint was completed yet, so move {workdir} away (or remove its "
+                "metrics.jsonl) and run the same command to start again")
+        print(f"error: {message}\nFree some space on the disk of {workdir}; {then}.",
+              file=sys.stderr)
+        return 4
+    if isinstance(error, (FileNotFoundError, faults.WorkdirError, faults.DataError,
+                          config_base.ConfigError, checkpoint.CheckpointError)):
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if isinstance(error, faults.NonFiniteError):
+        print(f"error: {error}", file=sys.stderr)
+        return 3
+    return None
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -10,8 +10,14 @@ reads, or a folder of numbered frame images) it samples frames by the run's vide
 ``<out>/<name>.json`` with the video score, the voted sequence and a record per frame, and a
 timeline figure ``<out>/<name>_timeline.png`` (``--overlay_video``: also an MP4 of the frames
 with their heatmaps). ``<out>/summary.json`` lists the records written and the inputs
-skipped. Folders are read non-recursively; unreadable, empty or truncated inputs and files of
-other kinds are reported and skipped, never fatal.
+skipped. Folders are read non-recursively; unreadable, empty or truncated inputs, images larger
+than ``--max_megapixels`` (refused from their header, before decoding) and files of other kinds
+are listed in summary.json with the reason and skipped, never fatal. Grey, 16-bit, CMYK and
+alpha images are read as 8-bit RGB (alpha dropped). Every file is written whole or not at all;
+a full disk stops the command with exit status 4, the records written before it kept.
+
+Exit status: 0 records written (or nothing to do), 1 every input skipped, 2 bad run directory,
+checkpoint or option (the message names it), 4 out of disk space (the message names the file).
 
 Model: ``<workdir>/config.json`` and the best checkpoint of ``--checkpoint`` (default: the
 first selection metric of the config).
@@ -44,6 +50,7 @@ import numpy as np
 
 from cmil_jax import checkpoint
 from cmil_jax import config_base
+from cmil_jax import disk
 from cmil_jax import labels as labels_lib
 from cmil_jax import localization
 from cmil_jax import metrics as metrics_lib
@@ -107,16 +114,18 @@ def classify_inputs(paths: Sequence[str], folders: str = "auto"
     return items, skipped
 
 
-def read_image(path: str) -> np.ndarray:
-    """(H, W, 3) uint8 RGB; ValueError naming the file if it is not a decodable image."""
+def read_image(path: str, max_pixels: int | None = face_crops.MAX_IMAGE_PIXELS) -> np.ndarray:
+    """(H, W, 3) uint8 RGB; ValueError '<path>: <why>' if it is not a decodable image, is cut
+    short or has more than `max_pixels` pixels (data_prep.faces.decode_image)."""
     try:
-        data = np.fromfile(path, np.uint8)
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as e:
         raise ValueError(f"{path}: cannot read: {e.strerror or e}") from e
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if image is None:
-        raise ValueError(f"{path}: not a decodable image (PNG, JPEG, BMP, TIFF, WebP, ...)")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    try:
+        return face_crops.decode_image(data, max_pixels)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
 
 
 # ----------------------------------------------------------------------------------------------
@@ -450,8 +459,7 @@ def predict_video(path: str, kind: str, predictor: Predictor, protocol, out_dir:
             pictures.append(video_lib.annotate(painted, text, preps[row].face.get("face_box")))
         video_lib.write_overlay_video(os.path.join(out_dir, record["overlay_video"]), pictures,
                                       OVERLAY_VIDEO_FPS)
-    with open(os.path.join(out_dir, stem + ".json"), "w") as f:
-        json.dump(record, f, indent=2)
+    disk.write_atomic(os.path.join(out_dir, stem + ".json"), json.dumps(record, indent=2))
     return record
 
 
@@ -459,7 +467,8 @@ def predict_files(paths: Sequence[str], workdir: str, out_dir: str, *,
                   metric: str | None = None, batch_size: int = 16, face: str = "auto",
                   detector: Callable | None = None, gradcam_logit: str = "patch",
                   video: dict | None = None, folders: str = "auto", face_model: str | None = None,
-                  overlay_video: bool = False, progress: bool = False, log=print) -> dict:
+                  overlay_video: bool = False, progress: bool = False, log=print,
+                  max_pixels: int | None = face_crops.MAX_IMAGE_PIXELS) -> dict:
     """Runs the model on image and video files and frame folders; writes JSON records,
     overlays and timelines to ``out_dir``.
 
@@ -469,7 +478,9 @@ def predict_files(paths: Sequence[str], workdir: str, out_dir: str, *,
     detector: overrides it, a callable image -> list[data_prep.landmarks.Face].
     video: overrides of the run's video protocol, {field: value} (None values ignored).
     folders: how folders are read (classify_inputs). progress: a tqdm bar over the inputs.
-    Returns the summary dict (also written to <out_dir>/summary.json).
+    max_pixels: larger images are skipped unread (None: no limit).
+    Returns the summary dict (also written to <out_dir>/summary.json). disk.DiskFullError when
+    the disk fills up: the records written until then are complete, no summary is written.
     """
     from tqdm import auto as tqdm  # pylint: disable=import-outside-toplevel
 
@@ -506,8 +517,7 @@ def predict_files(paths: Sequence[str], workdir: str, out_dir: str, *,
             viz.save_png(os.path.join(out_dir, stem + ".png"),
                          _crop_maps(prep, maps, names, top, header))
             record = _image_record(prep, out, i, sequence, names, size, stem, info)
-            with open(os.path.join(out_dir, stem + ".json"), "w") as f:
-                json.dump(record, f, indent=2)
+            disk.write_atomic(os.path.join(out_dir, stem + ".json"), json.dumps(record, indent=2))
             records.append({"image": prep.path, "json": stem + ".json", "overlay": stem + ".png"})
             counts["images"] += 1
             say(f"{prep.path}: {header}")
@@ -517,15 +527,17 @@ def predict_files(paths: Sequence[str], workdir: str, out_dir: str, *,
         bar.set_postfix_str(os.path.basename(path.rstrip("/"))[-30:], refresh=False)
         if kind == "image":
             try:
-                image = read_image(path)
-            except ValueError as e:
-                skipped.append({"path": path, "reason": str(e).split(": ", 1)[-1]})
-                say(f"skipped {e}")
+                prep = prepare(path, read_image(path, max_pixels), size, detector,
+                               no_face_reason)
+            except (ValueError, cv2.error) as e:
+                reason = (str(e)[len(path) + 2:] if str(e).startswith(f"{path}: ")
+                          else f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+                skipped.append({"path": path, "reason": reason})
+                say(f"skipped {path}: {reason}")
                 bar.update(1)
                 continue
             # Names are given in input order (images wait for a full batch, videos do not).
-            batch.append((prepare(path, image, size, detector, no_face_reason),
-                          _unique_stem(path, used)))
+            batch.append((prep, _unique_stem(path, used)))
             if len(batch) == predictor.batch_size:
                 run_batch(batch)
                 batch = []
@@ -537,7 +549,9 @@ def predict_files(paths: Sequence[str], workdir: str, out_dir: str, *,
             record = predict_video(path, kind, predictor, protocol, out_dir, stem,
                                    detector=detector, no_face_reason=no_face_reason, info=info,
                                    overlay_video=overlay_video)
-        except (ValueError, OSError) as e:
+        except disk.DiskFullError:
+            raise  # not the input's fault: stop (exit 4)
+        except (ValueError, OSError, cv2.error) as e:
             used.discard(stem)
             skipped.append({"path": path, "reason": str(e)})
             say(f"skipped {path}: {e}")
@@ -570,8 +584,7 @@ def predict_files(paths: Sequence[str], workdir: str, out_dir: str, *,
     summary = {"schema_version": SCHEMA_VERSION, "checkpoint": info,
                "video_protocol": protocol.to_dict(), "counts": {**counts, "skipped": len(skipped)},
                "timing": timing, "written": records, "skipped": skipped}
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    disk.write_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2))
     log(f"{counts['images']} image(s) and {counts['videos']} video(s) "
         f"({counts['frames_read']} frames read, {counts['frames_scored']} scored) written to "
         f"{out_dir}; {len(skipped)} skipped; {frames} frames in {seconds:.1f} s = "
@@ -607,6 +620,10 @@ def main(argv=None) -> int:
     parser.add_argument("--folders", choices=FOLDER_MODES, default="auto",
                         help="a folder is one video's frames (frames), a set of inputs (images), "
                              "or frames when its images are all numbered (auto)")
+    parser.add_argument("--max_megapixels", "--max-megapixels", type=float,
+                        default=face_crops.MAX_IMAGE_PIXELS / 1e6,
+                        help="images with more pixels are skipped unread (their header says "
+                             "their size); 0 = no limit")
     group = parser.add_argument_group("video protocol (default: the run's config section video)")
     group.add_argument("--frames_per_video", "--frames-per-video", type=int, default=None)
     group.add_argument("--video_face", "--video-face", choices=config_base.VIDEO_FACE,
@@ -625,16 +642,35 @@ def main(argv=None) -> int:
     overrides = {"frames_per_video": args.frames_per_video, "face": args.video_face,
                  "aggregate": args.aggregate, "no_face": args.no_face,
                  "sequence_vote": args.sequence_vote}
+    if args.max_megapixels < 0:
+        parser.error(f"--max_megapixels {args.max_megapixels:g}: must be >= 0 (0 = no limit)")
     try:
         summary = predict_files(args.inputs, args.workdir, out, metric=args.checkpoint,
                                 batch_size=max(1, args.batch_size), face=args.face,
                                 gradcam_logit=args.gradcam_logit, video=overrides,
                                 folders=args.folders, face_model=args.face_model,
-                                overlay_video=args.overlay_video, progress=True)
-    except (FileNotFoundError, config_base.ConfigError, face_lib.NoDetectorError) as e:
+                                overlay_video=args.overlay_video, progress=True,
+                                max_pixels=round(args.max_megapixels * 1e6) or None)
+    except (FileNotFoundError, config_base.ConfigError, face_lib.NoDetectorError,
+            checkpoint.CheckpointError) as e:
+        if disk.is_disk_full(e):
+            return _out_of_space(e, out)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # pylint: disable=broad-except
+        if disk.is_disk_full(e):
+            return _out_of_space(e, out)
+        raise
     return 0 if summary["written"] or not summary["skipped"] else 1
+
+
+def _out_of_space(error: Exception, out: str) -> int:
+    message = str(error) if isinstance(error, disk.DiskFullError) else (
+        f"out of disk space ({(str(error).splitlines() or [''])[0][:300]})")
+    print(f"error: {message}\nThe records in {out} written before are complete; no "
+          "summary.json was written. Free some space and run the command again.",
+          file=sys.stderr)
+    return 4
 
 
 if __name__ == "__main__":

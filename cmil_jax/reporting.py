@@ -1,9 +1,14 @@
 """What a run writes and prints as it goes: metrics.jsonl records (and the same scalars as
 TensorBoard event files), the window of per-step train metrics between two records, progress
-bars and messages (process 0 only)."""
+bars and messages (process 0 only).
+
+A full disk while writing any of them raises disk.DiskFullError naming the file: a metrics.jsonl
+line is written whole or not at all (disk.append_line), TensorBoard events are written and
+flushed in the calling thread so that their errors are not lost in a background one."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -14,6 +19,7 @@ import jax
 import numpy as np
 
 from cmil_jax import checkpoint
+from cmil_jax import disk
 
 
 TENSORBOARD_DIR = "tensorboard"
@@ -27,11 +33,16 @@ def tensorboard_tag(split: str, name: str, **extra) -> str:
     return "/".join(parts)
 
 
+_EVENT_FILES = itertools.count()  # event files opened by this process: unique file names
+
+
 class TensorBoardWriter:
     """Scalars and images as TensorBoard event files in <workdir>/tensorboard (process 0 only),
-    written with tensorboardX (no TensorFlow needed); opened on the first write, flushed after
-    each one. ``purge_step``: after a resume, TensorBoard discards the events of earlier files
-    at and after this step (the steps that are trained again)."""
+    written with tensorboardX's event writer and summaries (no TensorFlow needed); opened on
+    the first write, written and flushed in the calling thread at each one (a full disk raises
+    disk.DiskFullError here, rather than ending tensorboardX's writer thread unnoticed).
+    ``purge_step``: after a resume, TensorBoard discards the events of earlier files at and
+    after this step (the steps that are trained again)."""
 
     def __init__(self, workdir: str):
         self.logdir = os.path.join(workdir, TENSORBOARD_DIR)
@@ -42,36 +53,57 @@ class TensorBoardWriter:
     def _open(self):
         if self._writer is None and not self._failed:
             try:
-                import tensorboardX  # pylint: disable=import-outside-toplevel
+                # pylint: disable=import-outside-toplevel
+                from tensorboardX.event_file_writer import EventsWriter
+                from tensorboardX.proto import event_pb2
             except ImportError:
                 self._failed = True
                 log("TensorBoard event files not written: tensorboardX is not installed "
                     "(pip install tensorboardX, or set --config.train.tensorboard=False)")
                 return None
-            self._writer = tensorboardX.SummaryWriter(self.logdir, purge_step=self.purge_step,
-                                                      flush_secs=30)
+            with disk.writing(f"TensorBoard events in {self.logdir}"):
+                os.makedirs(self.logdir, exist_ok=True)
+                # <time>.<host>.<pid>.<n>: two files opened in the same second never clash.
+                writer = EventsWriter(os.path.join(self.logdir, "events"),
+                                      f".{os.getpid()}.{next(_EVENT_FILES)}")
+                if self.purge_step is not None:  # what SummaryWriter(purge_step=...) writes
+                    writer.write_event(event_pb2.Event(step=int(self.purge_step),
+                                                       file_version="brain.Event:2"))
+                    writer.write_event(event_pb2.Event(
+                        step=int(self.purge_step),
+                        session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+                writer.flush()
+            self._writer = writer
         return self._writer
 
-    def scalars(self, step: int, split: str, values: dict, **extra) -> None:
+    def _write(self, step: int, summaries) -> None:
+        from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+
         if not checkpoint.is_primary() or (writer := self._open()) is None:
             return
-        for k, v in values.items():
-            v = float(v)
-            if math.isfinite(v):
-                writer.add_scalar(tensorboard_tag(split, k, **extra), v, int(step))
-        writer.flush()
+        with disk.writing(f"TensorBoard events in {self.logdir}"):
+            for summary in summaries:
+                writer.write_event(event_pb2.Event(summary=summary, step=int(step),
+                                                   wall_time=time.time()))
+            writer.flush()
+
+    def scalars(self, step: int, split: str, values: dict, **extra) -> None:
+        from tensorboardX.summary import scalar  # pylint: disable=import-outside-toplevel
+
+        self._write(step, [scalar(tensorboard_tag(split, k, **extra), float(v))
+                           for k, v in values.items() if math.isfinite(float(v))])
 
     def images(self, step: int, tag: str, images) -> None:
         """(N, H, W, 3) uint8 RGB images under one tag."""
-        if not checkpoint.is_primary() or (writer := self._open()) is None:
-            return
-        writer.add_images(tag, np.asarray(images, np.uint8), int(step), dataformats="NHWC")
-        writer.flush()
+        from tensorboardX.summary import image  # pylint: disable=import-outside-toplevel
+
+        self._write(step, [image(tag, np.asarray(images, np.uint8), dataformats="NHWC")])
 
     def close(self) -> None:
         if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+            writer, self._writer = self._writer, None
+            with disk.writing(f"TensorBoard events in {self.logdir}"):
+                writer.close()
 
 
 class MetricWriter:
@@ -89,8 +121,7 @@ class MetricWriter:
         for k, v in values.items():
             v = float(v)
             record[k] = v if math.isfinite(v) else None  # JSON has no NaN
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        disk.append_line(self.path, json.dumps(record))  # whole, or not at all
         if self.tensorboard is not None:
             self.tensorboard.scalars(step, split, values, **extra)
 
@@ -105,24 +136,46 @@ class MetricWriter:
             self.tensorboard.purge_step = int(step) + 1
         if not checkpoint.is_primary() or not os.path.exists(self.path):
             return 0
-        with open(self.path) as f:
-            lines = [line for line in f if line.strip()]
-        kept = [line for line in lines if json.loads(line)["step"] <= step]
-        if len(kept) < len(lines):
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(kept)
-            os.replace(tmp, self.path)
-        return len(lines) - len(kept)
+        records, partial = self._read()
+        kept = [line for line, record in records if record["step"] <= step]
+        if len(kept) < len(records) or partial:  # (never append after a partial line)
+            disk.write_atomic(self.path, "".join(kept))
+        return len(records) - len(kept)
 
     def last_train_step(self) -> int:
         """The highest step of a 'train' record in metrics.jsonl (0 when there is none)."""
         if not os.path.exists(self.path):
             return 0
-        with open(self.path) as f:
-            steps = [r["step"] for r in map(json.loads, filter(str.strip, f))
-                     if r.get("split") == "train"]
-        return max(steps, default=0)
+        return max((r["step"] for _, r in self._read()[0] if r.get("split") == "train"),
+                   default=0)
+
+    def _read(self) -> tuple[list[tuple[str, dict]], bool]:
+        """([(line, record)] of metrics.jsonl, whether it ended in a partial line). A partial
+        last line (a write cut short by a crash; this writer never leaves one) is left out with
+        a warning; any other line that is not a JSON record with a step raises DataError naming
+        the file and the line."""
+        from cmil_jax import faults  # pylint: disable=import-outside-toplevel
+
+        with open(self.path, "rb") as f:
+            lines = f.read().decode("utf-8", errors="replace").splitlines(keepends=True)
+        partial = bool(lines) and not lines[-1].endswith("\n")
+        if partial:
+            log(f"warning: {self.path}: the last line is incomplete (a write cut short); it is "
+                f"dropped: {lines[-1][:80]!r}")
+            lines.pop()
+        records = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                int(record["step"])
+            except (ValueError, TypeError, KeyError) as e:
+                raise faults.DataError(
+                    f"{self.path} line {number}: not a metrics record (a JSON object with a "
+                    f"'step'): {line.strip()[:80]!r}; fix or remove that line") from e
+            records.append((line, record))
+        return records, partial
 
 
 class TrainWindow:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from typing import Any, Callable
 
@@ -33,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cmil_jax import checkpoint
 from cmil_jax import config_base
+from cmil_jax import disk
 from cmil_jax import evaluation
 from cmil_jax import faults
 from cmil_jax import losses
@@ -324,9 +326,9 @@ def check_resume_config(cfg, workdir: str, accept_changes: bool = False) -> dict
             "--accept_config_changes to resume with these changes")
     if checkpoint.is_primary():
         steps = [int(e) for e in os.listdir(os.path.join(workdir, "checkpoints")) if e.isdigit()]
-        with open(os.path.join(workdir, "config_changes.jsonl"), "a") as f:
-            f.write(json.dumps({"time": time.time(), "resumed_from_step": max(steps),
-                                "changes": {k: list(v) for k, v in changes.items()}}) + "\n")
+        disk.append_line(os.path.join(workdir, "config_changes.jsonl"),
+                         json.dumps({"time": time.time(), "resumed_from_step": max(steps),
+                                     "changes": {k: list(v) for k, v in changes.items()}}))
     reporting.log(f"resuming with config changes (accepted, recorded in "
                   f"{workdir}/config_changes.jsonl): {config_base.format_changes(changes)}")
     return changes
@@ -350,7 +352,13 @@ def train_and_evaluate(cfg, workdir: str, accept_config_changes: bool = False) -
 
     Returns the test metrics of the first selection metric's best checkpoint, or {} when the
     run was preempted (SIGTERM: checkpoint saved, run the same command again to resume).
-    Raises faults.NonFiniteError after train.max_nonfinite_steps non-finite steps in a row.
+    SIGTERM during an evaluation (one process) abandons it between two batches and saves the
+    checkpoint of that step marked 'pending_eval', so the resumed run evaluates it first and
+    writes the records an uninterrupted run writes; during the test of the best checkpoints,
+    nothing of the test is recorded and the same command tests them again.
+    Raises faults.NonFiniteError after train.max_nonfinite_steps non-finite steps in a row,
+    disk.DiskFullError when the disk fills up (the previous checkpoint and metrics.jsonl stay
+    intact; the same command resumes once there is space).
     The first train record holds `time_to_first_step_s`: seconds from this call (data build,
     model init and compilation included) until the first step's results exist.
     Resuming with a config that differs from <workdir>/config.json raises ConfigError unless
@@ -393,16 +401,18 @@ def train_and_evaluate(cfg, workdir: str, accept_config_changes: bool = False) -
     best = checkpoint.BestKeeper(workdir, _select_metrics(cfg))
     videos = {split: evaluation.video_ids(data[split])
               for split in ("val", *joint(cfg, "val"))}
+    sigterm_hook = faults.SigtermHook(cfg.train.get("debug_sigterm_at", ""), start_step)
 
-    def run_eval(variables):
+    def run_eval(variables, interrupt=None):
         """Val metrics; with joint training also the joint dataset's, keys prefixed joint_."""
         result = evaluation.evaluate(run.eval_step, variables,
                                      inputs.eval_batches(cfg, data["val"]), run.batch_sharding,
-                                     cfg, video_ids=videos["val"])
+                                     cfg, video_ids=videos["val"], interrupt=interrupt)
         for split in joint(cfg, "val"):
             joint_result = evaluation.evaluate(
                 run.eval_step, variables, inputs.eval_batches(cfg, data[split]),
-                run.batch_sharding, cfg, video_ids=videos[split], sequence=False)
+                run.batch_sharding, cfg, video_ids=videos[split], sequence=False,
+                interrupt=interrupt)
             result.update({f"joint_{k}": v for k, v in joint_result.items()})
         return result
 
@@ -413,19 +423,46 @@ def train_and_evaluate(cfg, workdir: str, accept_config_changes: bool = False) -
         cfg.train.max_nonfinite_steps, loop_state.get("nonfinite_streak", 0)
     )
 
-    def save(step, wait=False):
+    def save(step, wait=False, pending_eval=False):
         loop = {"data": batches.state(), "log_window": window.to_json(),
                 "nonfinite_streak": nonfinite.streak}
+        if pending_eval:  # preempted during this step's evaluation: it is redone on resume
+            loop["pending_eval"] = True
         checkpoint.save(manager, step, state, loop, wait=wait)
+        sigterm_hook("save", step)
+
+    def validate(step, preemption):
+        """Evaluates on val at `step` and records it: metrics.jsonl, TensorBoard, best
+        checkpoints. With one process, SIGTERM during it abandons it between two batches
+        (faults.Preempted, nothing recorded), so that the checkpoint is saved in time."""
+
+        def interrupt():
+            sigterm_hook("eval", step)
+            preemption.check()
+
+        val = run_eval(state.variables(), interrupt)
+        writer.write(step, "val", val)
+        if writer.tensorboard is not None:
+            write_val_maps(writer.tensorboard, step, run, state.variables(), val_preview)
+        improved = best.update(step, state.variables(), val)
+        reporting.log(f"step {step}: val {reporting.format_metrics(val)}"
+                      + (f" (best {', '.join(improved)})" if improved else ""))
+        window.restart_clock()
 
     lr_at = optim.lr_schedule(cfg.train.lr, cfg.train.warmup_steps, total_steps)
     step = start_step
     stop = None  # why the loop ended early: "preempted" or "nonfinite"
     bar = reporting.progress(total_steps, start_step)
     first_step_time = None
-    try:
-        with faults.PreemptionWatcher() as preemption:
-            while step < total_steps:
+    with faults.PreemptionWatcher() as preemption:
+        failed = True
+        try:
+            if loop_state.get("pending_eval"):  # preempted during this step's evaluation
+                try:
+                    validate(step, preemption)
+                except faults.Preempted:
+                    stop = "preempted"  # the checkpoint still says the evaluation is due
+            while stop is None and step < total_steps:
                 batch = next(batches)
                 state, step_metrics = run.train_step(state, batch)
                 step += 1
@@ -444,42 +481,76 @@ def train_and_evaluate(cfg, workdir: str, accept_config_changes: bool = False) -
                         stop = "nonfinite"
                         break
                 if step % cfg.train.eval_every == 0 or step == total_steps:
-                    val = run_eval(state.variables())
-                    writer.write(step, "val", val)
-                    if writer.tensorboard is not None:
-                        write_val_maps(writer.tensorboard, step, run, state.variables(),
-                                       val_preview)
-                    improved = best.update(step, state.variables(), val)
-                    reporting.log(f"step {step}: val {reporting.format_metrics(val)}"
-                                  + (f" (best {', '.join(improved)})" if improved else ""))
-                    window.restart_clock()
+                    try:
+                        validate(step, preemption)
+                    except faults.Preempted:  # saved with the evaluation due: redone on resume
+                        save(step, wait=True, pending_eval=True)
+                        stop = "preempted"
+                        break
                 if step % cfg.train.checkpoint_every == 0 or step == total_steps:
                     save(step)
                 if preemption.should_stop(step):
                     save(step, wait=True)
                     stop = "preempted"
                     break
-    finally:
-        bar.close()
-        batches.close()
-        manager.wait_until_finished()
-        last_checkpoint = manager.latest_step()
-        best.wait()
-        best.close()
-        manager.close()
-        writer.close()
-    if stop == "preempted":
-        reporting.log(f"Preempted: checkpoint saved at step {step}; run the same command to "
-                      "resume.")
-        return {}
-    if stop == "nonfinite":
-        raise faults.NonFiniteError(nonfinite.message(last_checkpoint))
-    results = evaluate_best(cfg, workdir, data=data, run=run)
+            failed = False
+        finally:
+            bar.close()
+            last_checkpoint = _close_run(failed, batches, manager, best, writer)
+        if stop == "nonfinite":
+            raise faults.NonFiniteError(nonfinite.message(last_checkpoint))
+        if stop is None and preemption.requested:  # SIGTERM while the last save was written
+            stop = "preempted"
+        if stop == "preempted":
+            reporting.log(f"Preempted: checkpoint saved at step {step}; run the same command to "
+                          "resume.")
+            return {}
+
+        def test_interrupt():
+            sigterm_hook("test", step)
+            preemption.check()
+
+        try:
+            results = evaluate_best(cfg, workdir, data=data, run=run, interrupt=test_interrupt)
+        except faults.Preempted:
+            reporting.log(f"Preempted while testing the best checkpoints: training is complete "
+                          f"(checkpoint saved at step {step}) and no test result was recorded; "
+                          "run the same command to test them.")
+            return {}
     if checkpoint.is_primary():
         from cmil_jax import viz  # pylint: disable=import-outside-toplevel
 
         viz.plot_curves(workdir)
     return results
+
+
+def _close_run(failed: bool, batches, manager, best, writer) -> int | None:
+    """Waits for the checkpoint writes under way and closes what the loop opened; returns the
+    newest checkpoint step. Every part runs even if another fails; the first error is raised
+    at the end (an asynchronous save that ran out of disk space surfaces here), unless
+    `failed`: an error is on its way already, so these are printed as warnings instead."""
+    errors = []
+
+    def attempt(fn):
+        try:
+            return fn()
+        except Exception as e:  # pylint: disable=broad-except  (reported below)
+            errors.append(e)
+            return None
+
+    attempt(batches.close)
+    attempt(lambda: checkpoint.wait(manager))
+    last = attempt(manager.latest_step)
+    attempt(best.wait)
+    attempt(best.close)
+    attempt(lambda: checkpoint.close(manager))
+    attempt(writer.close)
+    for e in errors[0 if failed else 1:]:
+        print(f"warning: while closing the run: {type(e).__name__}: "
+              f"{(str(e).splitlines() or [''])[0][:300]}", file=sys.stderr, flush=True)
+    if errors and not failed:
+        raise errors[0]
+    return last
 
 
 class ValPreview:
@@ -524,16 +595,18 @@ def write_val_maps(tb: reporting.TensorBoardWriter, step: int, run: Setup, varia
     tb.images(step, "val/maps", np.stack(rows))
 
 
-def evaluate_best(cfg, workdir: str, *, data=None, run: Setup | None = None) -> dict:
+def evaluate_best(cfg, workdir: str, *, data=None, run: Setup | None = None,
+                  interrupt=None) -> dict:
     """Evaluates the best checkpoint of every selection metric on the test split(s); returns
     the first one's metrics. `data` (opened splits) and `run` (setup()) are built here unless
-    the caller has them already (train_and_evaluate does)."""
+    the caller has them already (train_and_evaluate does). `interrupt`: called between
+    batches (evaluation.evaluate); what it raises ends the test with no record written, so
+    that running it again records each result once."""
     from cmil_jax.data import inputs  # pylint: disable=import-outside-toplevel
 
     if run is None:
         run = setup(cfg, runtime=start(cfg, workdir))
     data = dict(data or {})
-    writer = reporting.MetricWriter(workdir, tensorboard=_tensorboard(cfg))
     # (split, dataset name, sequence metrics?) tested with every best checkpoint.
     tests = [("test", cfg.data.name, True)]
     tests += [(split, cfg.data.joint_name, False) for split in inputs.joint_splits(cfg, "test")]
@@ -541,19 +614,24 @@ def evaluate_best(cfg, workdir: str, *, data=None, run: Setup | None = None) -> 
     if missing:
         data.update(inputs.open_splits(cfg, workdir, missing))
     videos = {split: evaluation.video_ids(data[split]) for split, _, _ in tests}
-    first = None
+    first, records = None, []
     for metric in _select_metrics(cfg):
         step, variables = checkpoint.restore_best(workdir, metric, run.abstract_variables)
         for split, dataset, sequence in tests:
             result = evaluation.evaluate(run.eval_step, variables,
                                          inputs.eval_batches(cfg, data[split]),
                                          run.batch_sharding, cfg, video_ids=videos[split],
-                                         sequence=sequence)
-            writer.write(step, "test", result, checkpoint=f"best_{metric}", dataset=dataset)
+                                         sequence=sequence, interrupt=interrupt)
+            records.append((step, result, {"checkpoint": f"best_{metric}", "dataset": dataset}))
             reporting.log(f"test on {dataset} (best {metric} on val, step {step}): "
                           + reporting.format_metrics(result))
             first = first or result
-    writer.close()
+    writer = reporting.MetricWriter(workdir, tensorboard=_tensorboard(cfg))
+    try:
+        for step, result, extra in records:  # all together, once every test has run
+            writer.write(step, "test", result, **extra)
+    finally:
+        writer.close()
     if checkpoint.is_primary():
         evaluation.write_results(workdir)
     return first

@@ -14,11 +14,13 @@ import collections
 import dataclasses
 import os
 import re
+import struct
 from collections.abc import Sequence
 
 import cv2
 import numpy as np
 
+from cmil_jax import disk
 from cmil_jax import localization
 from cmil_jax import viz
 from data_prep import faces as frame_lib
@@ -107,9 +109,41 @@ def read_frames(path: str, num: int, is_folder: bool = False) -> Frames:
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         raise ValueError("empty file")
     count, fps = _probe(path)
-    frames = frame_lib.read_video_frames(path, num)
+    try:
+        frames = frame_lib.read_video_frames(path, num)
+    except ValueError as e:
+        if missing_mp4_index(path):
+            raise ValueError(f"{e}: an MP4/MOV file without its whole index (the 'moov' box is "
+                             "missing or cut short); it was truncated, or its writer never "
+                             "finished it") from e
+        raise
     sampled = len(frame_lib.sample_indices(count, num)) if count else len(frames)
     return Frames(frames, None, count or None, sampled, fps, [])
+
+
+def missing_mp4_index(path: str) -> bool:
+    """True for an ISO media file (MP4, MOV, M4V, 3GP: an 'ftyp' box first) whose top-level
+    boxes end without a whole 'moov' box, the index of its frames that writers add last."""
+    try:
+        with open(path, "rb") as f:
+            end = os.fstat(f.fileno()).st_size
+            if f.read(8)[4:8] != b"ftyp":
+                return False
+            pos = 0
+            while pos + 8 <= end:
+                f.seek(pos)
+                header = f.read(16)
+                size, kind = struct.unpack(">I4s", header[:8])
+                if size == 1 and len(header) == 16:  # 64-bit size
+                    size = struct.unpack(">Q", header[8:16])[0]
+                if kind == b"moov":
+                    return size >= 8 and pos + size > end  # there, unless cut short
+                if size < 8:  # 0: the box runs to the end of the file
+                    break
+                pos += size
+            return True
+    except OSError:
+        return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,7 +289,8 @@ def plot_timeline(path: str, per_frame: Sequence[dict], score: float | None, seq
             a.imshow(img)
             a.set_title(label, fontsize=7)
             a.axis("off")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        disk.save_figure(fig, path)  # whole or not at all
+    finally:
+        plt.close(fig)
     return path

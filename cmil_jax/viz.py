@@ -6,6 +6,7 @@ import os
 import cv2
 import numpy as np
 
+from cmil_jax import disk
 from cmil_jax import localization
 
 
@@ -41,7 +42,7 @@ def plot_curves(workdir: str) -> str | None:
     fig.tight_layout()
     os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
     out = os.path.join(workdir, "plots", "curves.png")
-    fig.savefig(out, dpi=100)
+    disk.save_figure(fig, out, dpi=100)
     plt.close(fig)
     return out
 
@@ -103,11 +104,14 @@ def labeled_row(panels, titles, header: str | None = None, height: int = 256) ->
 
 
 def save_png(path: str, rgb) -> str:
-    """Writes an RGB uint8 image as PNG (directories created). Returns the path."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    ok = cv2.imwrite(path, cv2.cvtColor(np.asarray(rgb, np.uint8), cv2.COLOR_RGB2BGR))
+    """Writes an RGB uint8 image as PNG (directories created; whole or not at all:
+    disk.write_atomic, DiskFullError on a full disk). Returns the path."""
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(np.asarray(rgb, np.uint8), cv2.COLOR_RGB2BGR))
     if not ok:
-        raise OSError(f"cannot write {path}")
+        raise OSError(f"cannot encode {path} as PNG")
+    with disk.writing(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    disk.write_atomic(path, encoded.tobytes())
     return path
 
 

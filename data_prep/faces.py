@@ -57,19 +57,66 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(image, (size, size), interpolation=interp)
 
 
-def read_image(path: str) -> tuple[bytes, np.ndarray]:
-    """(file bytes, RGB uint8 (H,W,3)); ValueError saying why when unreadable."""
+# Images with more pixels than this are refused before decoding (3 bytes a pixel decoded: 300 MB
+# at this limit, 1.2 GB for 20000 x 20000).
+MAX_IMAGE_PIXELS = 100_000_000
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) that an image file's header declares, read without decoding the pixels
+    (PIL's lazy open); None when PIL does not know the format."""
+    import io  # pylint: disable=import-outside-toplevel
+
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # only the header is read
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return tuple(int(v) for v in im.size)
+    except Exception:  # pylint: disable=broad-except  (unknown or broken: OpenCV decides)
+        return None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def check_image_bytes(data: bytes, max_pixels: int | None = MAX_IMAGE_PIXELS) -> None:
+    """ValueError saying why the bytes of an image file will not be decoded: empty, more than
+    `max_pixels` pixels by its header (None: no limit), or a JPEG or PNG cut short (no
+    end-of-image marker after the last scan; no IEND chunk)."""
+    if not data:
+        raise ValueError("empty file (0 bytes)")
+    size = header_size(data) if max_pixels is not None else None
+    if size is not None and size[0] * size[1] > max_pixels:
+        raise ValueError(f"{size[0]}x{size[1]} pixels ({size[0] * size[1] / 1e6:.0f} "
+                         f"megapixels) is more than the {max_pixels / 1e6:g} megapixels "
+                         "decoded at most; downscale it first")
+    fmt = image_format(data)
+    if fmt == "jpeg":
+        scan = data.rfind(b"\xff\xda")  # the last start-of-scan; entropy data has no 0xFFD9
+        if scan >= 0 and data.find(b"\xff\xd9", scan) < 0:
+            raise ValueError("truncated JPEG: no end-of-image marker after its image data")
+    elif fmt == "png" and data.rfind(b"IEND") < 0:
+        raise ValueError("truncated PNG: no IEND chunk at its end")
+
+
+def decode_image(data: bytes, max_pixels: int | None = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """RGB uint8 (H,W,3) of an image file's bytes: grey, 16-bit, CMYK and alpha images become
+    8-bit RGB (alpha dropped). ValueError saying why otherwise (check_image_bytes)."""
+    check_image_bytes(data, max_pixels)
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise ValueError("not a decodable image (PNG, JPEG, BMP, TIFF, WebP, ...)")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def read_image(path: str, max_pixels: int | None = MAX_IMAGE_PIXELS) -> tuple[bytes, np.ndarray]:
+    """(file bytes, RGB uint8 (H,W,3)); ValueError saying why when unreadable (decode_image)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
         raise ValueError(f"cannot read the file: {e.strerror or e}") from e
-    if not data:
-        raise ValueError("empty file")
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if img is None:
-        raise ValueError("OpenCV cannot decode it as an image")
-    return data, cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return data, decode_image(data, max_pixels)
 
 
 # Per-process caches of landmark/detector objects (built on first use in each worker).

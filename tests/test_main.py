@@ -81,10 +81,10 @@ def test_train_resume_and_eval(tmp_path):
     assert all(r["loss"] > 0 for r in records if r["split"] == "train" and "loss" in r)
 
     # Resuming with a config that differs from the recorded one stops, naming the fields...
-    changed = _run(*common, "--config.train.num_steps=30", "--config.model.width=64",
+    changed = _run(*common, "--config.train.num_steps=30", "--config.model.width=96",
                    "--config.runtime.xla_cpu_conv=default")  # runtime fields never count
     assert changed.returncode == 2, changed.stderr[-3000:]
-    assert "model.width: 48 -> 64" in changed.stderr
+    assert "model.width: 48 -> 96" in changed.stderr
     assert "train.num_steps: 20 -> 30" in changed.stderr
     differing = changed.stderr.split("differing fields:", 1)[1].split("\n", 1)[0]
     assert "runtime." not in differing and "--accept_config_changes" in changed.stderr

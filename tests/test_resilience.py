@@ -242,6 +242,42 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero_promptly(shared, tmp_path):
     # The kill -9 test shows that resuming from a checkpoint repeats the run exactly.
 
 
+def test_sigterm_during_a_save_an_evaluation_and_the_test_then_resume(shared, reference,
+                                                                     tmp_path):
+    """SIGTERM at exact points (the run sends it to itself: train.debug_sigterm_at) while a
+    checkpoint is being written, during an evaluation and during the test of the best
+    checkpoints: every run exits 0 having saved what it can, and the resumed runs write
+    exactly the records of the uninterrupted one."""
+    workdir = str(tmp_path / "run")
+    # While the checkpoint of step 6 is written: it is completed, the run stops there.
+    out = _run(shared, workdir, "--config.train.debug_sigterm_at=save:6")
+    assert "Preempted: checkpoint saved at step 6;" in out, out[-3000:]
+    assert _checkpoint_steps(workdir)[-1] == 6
+
+    # During the evaluation of step 15 (after its first batch of 3): it is abandoned, the
+    # checkpoint of step 15 is saved with the evaluation still due, no val record written.
+    out = _run(shared, workdir, "--config.train.debug_sigterm_at=eval:15")
+    assert "at step 6" in out and "Preempted: checkpoint saved at step 15;" in out, out[-3000:]
+    assert "step 15: val" not in out
+    assert _checkpoint_steps(workdir)[-1] == 15
+    records = _comparable(_records(workdir))
+    assert [(r["split"], r["step"]) for r in records] == [("train", 5), ("train", 10),
+                                                         ("train", 15)]
+
+    # Resumed, it evaluates step 15 first and trains on; SIGTERM during the test: nothing of
+    # the test is recorded, so the train and val records are exactly the reference's.
+    out = _run(shared, workdir, "--config.train.debug_sigterm_at=test")
+    assert "at step 15" in out and "step 15: val" in out, out[-3000:]
+    assert "Preempted while testing the best checkpoints" in out
+    expected = _comparable(reference[1])
+    assert _comparable(_records(workdir)) == [r for r in expected if r["split"] != "test"]
+
+    # The same command tests the best checkpoints: now every record is the reference's.
+    out = _run(shared, workdir)
+    assert "at step 30" in out, out[-3000:]
+    assert _comparable(_records(workdir)) == expected
+
+
 def test_two_processes_match_one_and_share_a_checkpoint(shared, reference, tmp_path):
     workdir = str(tmp_path / "run")
     with socket.socket() as s:
