@@ -14,21 +14,18 @@ checked by the test marked 'landmarks' (pytest -m landmarks, with the extra inst
 """
 
 import json
-import os
 
 import cv2
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from cmil_jax import checkpoint
 from cmil_jax import predict
-from cmil_jax import train
-from cmil_jax.config_base import seq_config
 from cmil_jax.data import sbi
 from data_prep import faces as face_crops
 from data_prep import landmarks as face_lib
+from run_dirs import random_init_run
 
 skimage_data = pytest.importorskip("skimage.data", reason="the test extra's scikit-image")
 
@@ -57,20 +54,7 @@ def iou(a, b):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A run directory: config.json and a best checkpoint of a random-init tiny model."""
-    wd = str(tmp_path_factory.mktemp("run"))
-    cfg = seq_config("facial_attributes", "demo")
-    cfg.data.image_size = SIZE
-    cfg.model.backbone_width = 8
-    cfg.model.width = 48
-    checkpoint.write_json(os.path.join(wd, "config.json"), cfg.to_dict())
-    model = train.build_model(cfg)
-    variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(
-        jnp.zeros((1, SIZE, SIZE, 3), jnp.uint8))
-    keeper = checkpoint.BestKeeper(wd, ["fixed_acc"])
-    keeper.update(5, {k: variables[k] for k in ("params", "batch_stats")}, {"fixed_acc": 0.1})
-    keeper.wait()
-    keeper.close()
-    return wd
+    return random_init_run(str(tmp_path_factory.mktemp("run")), SIZE)
 
 
 @pytest.fixture(scope="module")
