@@ -1,6 +1,7 @@
 """Losses of CMIL: contrastive MIL on sorted patch similarities, BCE on both branches, ranking.
 
-All functions are pure, jit-able and compute in float32 (inputs are cast). Arguments that
+All functions are pure, jit-able and compute in float32 (inputs are cast; float64 inputs stay
+float64). Arguments that
 change shapes or control flow (``num_classes``, ``num_lowest``, ``order``, ``use_rank`` and the
 loss weights passed to ``total_loss``) must be Python values, i.e. static under ``jax.jit``.
 
@@ -25,7 +26,9 @@ RANK_ORDERS = ("first_high", "last_high")
 
 
 def _f32(x) -> jax.Array:
-    return jnp.asarray(x, dtype=jnp.float32)
+    """x as float32 (float64 stays float64: a float64 model's losses keep its precision)."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 # ----------------------------------------------------------------------------------------------

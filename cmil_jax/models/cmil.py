@@ -19,7 +19,8 @@ The position embedding is created for the feature-map size seen at init; the mod
 runs at that image size only (another size fails with a parameter-shape error).
 
 Precision: parameters in ``param_dtype``; backbone, tokenizer and transformer compute in
-``dtype`` (e.g. 'bfloat16'); the heads, the MIL normalisation and all outputs are float32.
+``dtype`` (e.g. 'bfloat16'); the heads, the MIL normalisation and all outputs are float32 (float64 when ``dtype`` is
+float64).
 ``layers`` is how a ResNet backbone computes its convolutions and BatchNorms (resnet.Layers,
 chosen at start-up by cmil_jax.runtime); it never changes the variables.
 
@@ -49,10 +50,12 @@ _trunc_normal = nn.initializers.truncated_normal(0.02)
 
 
 def normalize_images(images, dtype=jnp.float32):
-    """(B, H, W, 3) uint8 or float in [0, 255] -> ImageNet-normalised ``dtype``."""
-    x = jnp.asarray(images, jnp.float32)
-    mean = 255.0 * jnp.asarray(IMAGENET_MEAN, jnp.float32)
-    std = 255.0 * jnp.asarray(IMAGENET_STD, jnp.float32)
+    """(B, H, W, 3) uint8 or float in [0, 255] -> ImageNet-normalised ``dtype`` (computed in
+    float32, or float64 for ``dtype`` float64)."""
+    work = jnp.promote_types(dtype, jnp.float32)
+    x = jnp.asarray(images, work)
+    mean = 255.0 * jnp.asarray(IMAGENET_MEAN, work)
+    std = 255.0 * jnp.asarray(IMAGENET_STD, work)
     return ((x - mean) / std).astype(dtype)
 
 
@@ -86,8 +89,11 @@ class EncoderLayer(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         d = x.shape[-1]
         y = nn.LayerNorm(epsilon=LN_EPS, name="norm1", **kw)(x)
+        # Softmax in float32 for 16-bit compute; flax would also cast a float64 model's to
+        # float32, so it is asked only below 32 bits.
         y = nn.MultiHeadDotProductAttention(
-            num_heads=self.num_heads, force_fp32_for_softmax=True, name="attn", **kw
+            num_heads=self.num_heads, force_fp32_for_softmax=jnp.dtype(self.dtype).itemsize < 4,
+            name="attn", **kw
         )(y)
         x = x + y
         y = nn.LayerNorm(epsilon=LN_EPS, name="norm2", **kw)(x)
@@ -153,7 +159,10 @@ class CMIL(nn.Module):
         self.check_config()
         dtype = jnp.dtype(self.dtype)
         kw = dict(dtype=dtype, param_dtype=self.param_dtype)
-        f32 = dict(dtype=jnp.float32, param_dtype=self.param_dtype)
+        # Heads, MIL normalisation and outputs: float32, or float64 for a float64 model (as
+        # benchmarks/device_count_drift.py builds to separate rounding from real differences).
+        head_dtype = jnp.promote_types(dtype, jnp.float32)
+        f32 = dict(dtype=head_dtype, param_dtype=self.param_dtype)
         d, k = self.width, self.num_class_tokens
 
         # 1-2. Normalise, backbone.
@@ -180,7 +189,7 @@ class CMIL(nn.Module):
 
         # 5. One transformer layer.
         x = EncoderLayer(self.num_heads, self.mlp_ratio, name="encoder", **kw)(x)
-        x = x.astype(jnp.float32)
+        x = x.astype(head_dtype)
         u, v = x[:, :k], x[:, k:]  # (B, K, d), (B, N, d)
 
         # 6. Heads (float32).
@@ -200,6 +209,6 @@ class CMIL(nn.Module):
             "patch_class_logits": patch_class_logits,
             "patch_logits": patch_logits,
             "mil_emb": mil_emb,
-            "mil_bias": jnp.asarray(mil_bias, jnp.float32),
-            "feature_map": feature_map.astype(jnp.float32),
+            "mil_bias": jnp.asarray(mil_bias, head_dtype),
+            "feature_map": feature_map.astype(head_dtype),
         }
