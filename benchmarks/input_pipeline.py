@@ -1,8 +1,10 @@
-"""Host input pipeline speed: SBI pairs/s on one core, training triples/s per grain worker count.
+"""Host input pipeline speed: SBI pairs/s on one core, training triples/s per grain worker
+count and record format, and the CPU time of each stage of a triple.
 
-    python -m benchmarks.input_pipeline [--image-size 256] [--workers 1,2] [--seconds 5] \
-        [--windows 3] [--warmup 3] [--batch 8] [--records 480] [--threads N] [--data-dir DIR] \
-        [--json OUT] [--smoke]
+    python -m benchmarks.input_pipeline [--image-size 256] [--workers 1,2] [--formats png,raw] \
+        [--seconds 5] [--windows 3] [--warmup 3] [--batch 8] [--records 480] [--threads N] \
+        [--before-tree DIR] [--data-dir DIR] [--json OUT] [--skip-sbi] [--skip-triples] \
+        [--skip-stages] [--smoke]
 
 1. SBI pairs per second on one core (OpenCV and BLAS single-threaded) at --image-size:
    ``cmil_jax.data.sbi.self_blend`` against ``benchmarks/sbi_reference.py`` (the same recipe
@@ -10,10 +12,16 @@
 2. Training triples per second (genuine, SBI pseudo-fake, dataset fake; weak augmentation of
    all three; batches of --batch triples) for each worker count in --workers:
    ours      ``cmil_jax.data.pipeline.make_triple_train_dataset`` on grain workers, reading
-             the synthetic TFDS (ArrayRecord, PNG) dataset (built once in --data-dir);
-   reference a plain loop making one triple at a time with the reference SBI, from the same
-             records, in a ``multiprocessing`` pool of that many processes (0 = in this
-             process), batched here.
+             the synthetic TFDS (ArrayRecord) dataset built once per record format in
+             --formats (``sources.IMAGE_FORMATS``: 'png' PNG-encoded pixels, 'raw' raw
+             pixels; the same pixels) under --data-dir/<format>;
+   before    with ``--before-tree DIR``: the same pipeline as the source tree DIR has it (e.g.
+             ``git archive <commit> | tar -x -C DIR``), run in a child process that imports
+             DIR's ``cmil_jax``, on the records of the first format: the code before a change,
+             timed in the same windows as the code after it;
+   reference a plain loop making one triple at a time with the reference SBI, from the
+             records of the first format, in a ``multiprocessing`` pool of that many
+             processes (0 = in this process), batched here.
    All configurations are started (worker start-up excluded), then take turns: per round each
    gets a --warmup drain of the buffers it filled while idle, then a timed window of
    --seconds, then a pause until its workers are idle again (so that its refill does not run
@@ -25,8 +33,16 @@ busy" (CPU seconds per second). On a machine shared under the kernel's autogroup
 every session gets a fair share of the cores, so while other sessions are busy more workers
 cannot get more than that share: compare cores busy before reading a worker-scaling ratio.
 The 1-minute load average is recorded before every timed window. Small --records make grain's
-index shuffle costly (about 35 ms / number of genuine images per element). ``--smoke`` makes
-everything tiny (a few seconds; for tests).
+index shuffle costly (about 35 ms / number of genuine images per element).
+
+3. Stages (in this process, one thread, per format, formats alternating window by window):
+   CPU ms per triple of reading the two records (ArrayRecord read and TFDS parsing), decoding
+   their pixels, SBI, the weak augmentation of the three images, the whole triple
+   (``pipeline._TripleExample``: all of the above and the rest) and its copy into the batch
+   (``pipeline._TripleBatch``). The stage figures are timed separately, each over the same
+   triples.
+
+``--smoke`` makes everything tiny (a few seconds; for tests).
 """
 
 from __future__ import annotations
@@ -207,14 +223,20 @@ def bench_sbi(args) -> dict:
 # 2. Training triples
 
 
-def open_train_source(args):
-    """The synthetic TFDS train split (built under --data-dir on first use)."""
+def open_train_sources(args) -> dict:
+    """{format: the synthetic TFDS train split in that record format} for --formats (each
+    built under --data-dir/<format> on first use)."""
     from cmil_jax.data import sources, synthetic_dataset
 
-    name = synthetic_dataset.build_synthetic(
-        args.data_dir, SUBSET, args.image_size, args.records, 1, 1, num_workers=1
-    )
-    return sources.open_split(args.data_dir, name, "train")
+    out = {}
+    for fmt in args.formats:
+        data_dir = os.path.join(args.data_dir, fmt)
+        name = synthetic_dataset.build_synthetic(
+            data_dir, SUBSET, args.image_size, args.records, 1, 1, num_workers=1,
+            image_format=fmt,
+        )
+        out[fmt] = sources.open_split(data_dir, name, "train")
+    return out
 
 
 def ours_stepper(source, args, workers: int):
@@ -312,24 +334,91 @@ def reference_stepper(source, args, workers: int):
     return next_batch, close
 
 
-def bench_triples(args) -> dict:
-    """Triples/s of ours and of the reference for each worker count.
+# Runs the triple pipeline of another source tree (--before-tree) in its own process, one
+# batch per line read from stdin; its grain workers are its children, so the CPU time of
+# the whole configuration is that of this process's descendants, as for the others.
+_BEFORE_DRIVER = """
+import sys
+
+from cmil_jax.data import pipeline, sources
+
+
+def main():
+    data_dir, name, batch, size, workers, threads = sys.argv[1:7]
+    kwargs = {} if threads == "default" else {"num_threads": int(threads)}
+    source = sources.open_split(data_dir, name, "train")
+    it = iter(pipeline.make_triple_train_dataset(
+        source, batch_size=int(batch), seed=0, image_size=int(size), shard=False,
+        num_workers=int(workers), **kwargs))
+    for line in sys.stdin:
+        if line.strip() != "next":
+            break
+        next(it)
+        sys.stdout.write("ok\\n")
+        sys.stdout.flush()
+    if int(workers) > 0:
+        it.close()
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def before_stepper(source, args, workers: int):
+    """(next-batch callable, close callable) for the pipeline of --before-tree, in a child
+    process reading ``source``'s records."""
+    import subprocess
+
+    script = os.path.join(args.data_dir, "before_driver.py")
+    with open(script, "w") as f:
+        f.write(_BEFORE_DRIVER)
+    tree = os.path.abspath(args.before_tree)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([tree, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen(
+        [sys.executable, script, os.path.join(args.data_dir, args.formats[0]), source.name,
+         str(args.batch), str(args.image_size), str(workers),
+         "default" if args.threads is None else str(args.threads)],
+        cwd=tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+
+    def step():
+        proc.stdin.write("next\n")
+        proc.stdin.flush()
+        if proc.stdout.readline().strip() != "ok":
+            raise RuntimeError(f"the --before-tree pipeline stopped (exit {proc.poll()})")
+
+    def close():
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+    return step, close
+
+
+def bench_triples(args, sources_by_format: dict) -> dict:
+    """Triples/s of ours (per record format) and of the reference for each worker count.
 
     All configurations are started first; then each round gives every configuration (in a
     rotating order) a drain window (buffers filled while it was idle) and a timed window, so
     that a change of load on a shared machine hits all of them alike.
     """
-    source = open_train_source(args)
-    keys = [(impl, w) for w in args.workers for impl in ("ours", "reference")]
-    makers = {"ours": ours_stepper, "reference": reference_stepper}
+    ref_format = args.formats[0]
+    keys = [("ours", fmt, w) for w in args.workers for fmt in args.formats]
+    if args.before_tree:
+        keys += [("before", ref_format, w) for w in args.workers]
+    keys += [("reference", ref_format, w) for w in args.workers]
+    makers = {"ours": ours_stepper, "before": before_stepper, "reference": reference_stepper}
     runs = {}
     try:
-        for impl, workers in keys:
+        for impl, fmt, workers in keys:
             before = child_pids()
-            step, close = makers[impl](source, args, workers)
+            step, close = makers[impl](sources_by_format[fmt], args, workers)
             t0 = time.perf_counter()
             step()  # worker start-up
-            runs[(impl, workers)] = {
+            runs[(impl, fmt, workers)] = {
                 "step": step,
                 "close": close,
                 "pids": child_pids() - before,
@@ -337,10 +426,10 @@ def bench_triples(args) -> dict:
                 "windows": [],
                 "loads": [],
             }
-            wait_idle(runs[(impl, workers)]["pids"])
+            wait_idle(runs[(impl, fmt, workers)]["pids"])
         for r in range(args.windows):
-            for impl, workers in keys[r % len(keys) :] + keys[: r % len(keys)]:
-                run = runs[(impl, workers)]
+            for impl, fmt, workers in keys[r % len(keys) :] + keys[: r % len(keys)]:
+                run = runs[(impl, fmt, workers)]
                 timed_window(run["step"], args.warmup, args.batch)  # drain, reach steady state
                 run["loads"].append(load_average()[0])
                 run["windows"].append(
@@ -348,44 +437,127 @@ def bench_triples(args) -> dict:
                 )
                 wait_idle(run["pids"])
                 print(
-                    f"  round {r}: {impl:9s} {workers} workers "
-                    f"{run['windows'][-1]['rate']:7.1f} triples/s (load {run['loads'][-1]:.2f})",
+                    f"  round {r}: {impl:9s} {fmt:4s} {workers} workers "
+                    f"{run['windows'][-1]['rate']:7.1f} triples/s, "
+                    f"{run['windows'][-1]['cpu_ms_per_item']:5.2f} CPU ms/triple "
+                    f"(load {run['loads'][-1]:.2f})",
                     flush=True,
                 )
     finally:
         for run in runs.values():
             run["close"]()
     configs = []
-    for (impl, workers), run in runs.items():
-        entry = {"impl": impl, "workers": workers, **summarise(run["windows"])}
+    for (impl, fmt, workers), run in runs.items():
+        entry = {"impl": impl, "format": fmt, "workers": workers, **summarise(run["windows"])}
         entry.update(
             worker_processes=len(run["pids"]), startup_s=run["startup_s"], loads=run["loads"]
         )
         configs.append(entry)
-    rates = {(c["impl"], c["workers"]): c["median"] for c in configs}
+    rates = {(c["impl"], c["format"], c["workers"]): c["median"] for c in configs}
     scaling = {}
-    for impl in ("ours", "reference"):
-        if (impl, 1) in rates:
-            scaling[impl] = {
-                f"{w}w/1w": rates[(impl, w)] / rates[(impl, 1)]
+    for impl, fmt, _ in keys:
+        if (impl, fmt, 1) in rates:
+            scaling[f"{impl} {fmt}"] = {
+                f"{w}w/1w": rates[(impl, fmt, w)] / rates[(impl, fmt, 1)]
                 for w in args.workers
-                if w > 1 and (impl, w) in rates
+                if w > 1
             }
     return {
         "image_size": args.image_size,
         "batch_triples": args.batch,
-        "records": len(source),
+        "records": len(sources_by_format[ref_format]),
+        "reference_format": ref_format,
         "configs": configs,
         "scaling": scaling,
     }
 
 
 # --------------------------------------------------------------------------------------------
+# 3. Stages of a triple, in this process
+
+STAGES = ("read", "decode", "sbi", "augment", "triple", "batch")
+
+
+def _stage_steps(source, args) -> dict:
+    """{stage: callable(j) doing that stage's work for triple j} on ``source``."""
+    from cmil_jax.data import pipeline
+
+    cfg = augment.AugmentConfig()
+    is_fake = np.asarray(source.is_fake())
+    originals, fakes = np.flatnonzero(is_fake == 0), np.flatnonzero(is_fake != 0)
+    pick = np.random.default_rng(0)
+    n = 32
+    pairs = [(int(originals[j % len(originals)]), int(fakes[pick.integers(len(fakes))]))
+             for j in range(n)]
+    decoded = [(source[g], source[f]) for g, f in pairs]
+    rng = np.random.default_rng(1)
+    blended = []
+    for g, _ in decoded:
+        real, fake_sbi, mask = sbi.self_blend(g["image"], g["landmarks"], rng)
+        blended.append((real, fake_sbi, pipeline._mask_uint8(mask, real.shape[:2])))
+    triple = pipeline._TripleExample(source, originals, fakes, args.image_size, cfg, True)
+    batch_fn = pipeline._TripleBatch()
+    elements = [triple(j, rng) for j in range(args.batch)]
+
+    def read(j):
+        g, f = pairs[j % n]
+        source.raw(g), source.raw(f)
+
+    def decode(j):  # the whole record access; read is subtracted afterwards
+        g, f = pairs[j % n]
+        source[g], source[f]
+
+    def blend(j):
+        g = decoded[j % n][0]
+        sbi.self_blend(g["image"], g["landmarks"], rng)
+
+    def weak(j):
+        (real, fake_sbi, mask), f = blended[j % n], decoded[j % n][1]
+        zeros = np.zeros_like(mask)
+        for image, m in ((real, zeros), (fake_sbi, mask), (f["image"], f["mask"])):
+            augment.weak_augment(image, rng, cfg, image_size=args.image_size, mask=m)
+
+    def whole(j):
+        triple(j % len(originals), rng)
+
+    def batch(j):
+        if j % args.batch == 0:
+            batch_fn(elements)
+
+    return {"read": read, "decode": decode, "sbi": blend, "augment": weak,
+            "triple": whole, "batch": batch}
+
+
+def bench_stages(args, sources_by_format: dict) -> dict:
+    """CPU ms per triple of each stage, per format (medians over windows; module docstring)."""
+    cv2.setNumThreads(0)
+    steps = {fmt: _stage_steps(src, args) for fmt, src in sources_by_format.items()}
+    times = {fmt: {st: [] for st in STAGES} for fmt in steps}
+    load_before = load_average()
+    for _ in range(args.windows):
+        for fmt, stage_steps in steps.items():
+            for st, fn in stage_steps.items():
+                fn(0)
+                c0 = time.process_time()
+                for j in range(args.stage_triples):
+                    fn(j)
+                times[fmt][st].append(1e3 * (time.process_time() - c0) / args.stage_triples)
+    out = {}
+    for fmt, per_stage in times.items():
+        med = {st: statistics.median(v) for st, v in per_stage.items()}
+        med["decode"] = max(0.0, med["decode"] - med["read"])
+        med["triple_and_batch"] = med["triple"] + med["batch"]
+        out[fmt] = med
+    return {"cpu_ms_per_triple": out, "triples_per_window": args.stage_triples,
+            "load_before": load_before, "load_after": load_average()}
+
+
+# --------------------------------------------------------------------------------------------
 # Report
 
 
-def table(result: dict) -> str:
-    s, t = result["sbi"], result["triples"]
+def sbi_table(result: dict) -> list[str]:
+    s = result["sbi"]
     lines = [
         (
             f"SBI pairs/s, one core (OpenCV/BLAS single-threaded), {s['image_size']} px; "
@@ -401,38 +573,81 @@ def table(result: dict) -> str:
             f"| {label} | {r['median']:.1f} | {r['min']:.1f} | {r['max']:.1f} | "
             f"{r['cpu_ms_per_item']:.2f} |"
         )
-    lines += [
-        f"speed-up: {s['speedup']:.2f}x",
-        "",
+    return [*lines, f"speed-up: {s['speedup']:.2f}x"]
+
+
+def triples_table(result: dict) -> list[str]:
+    t = result["triples"]
+    lines = [
         (
             f"Training triples/s, {t['image_size']} px, batches of {t['batch_triples']} "
-            f"triples ({3 * t['batch_triples']} images), {t['records']} records"
+            f"triples ({3 * t['batch_triples']} images), {t['records']} records; reference "
+            f"on the {t['reference_format']} records"
         ),
         (
-            "| workers | ours triples/s | reference triples/s | ours / reference | "
-            "CPU ms/triple (ours, reference) | cores busy (ours, reference) | load (1 min) |"
+            "| workers | configuration | triples/s | CPU ms/triple | CPU ms/image | "
+            "/ reference (rate) | cores busy | load (1 min) |"
         ),
-        "|---:|---:|---:|---:|---:|---:|---|",
+        "|---:|---|---:|---:|---:|---:|---:|---|",
     ]
-    by = {(c["impl"], c["workers"]): c for c in t["configs"]}
+    by = {(c["impl"], c["format"], c["workers"]): c for c in t["configs"]}
     for w in result["args"]["workers"]:
-        o, r = by[("ours", w)], by[("reference", w)]
-        lines.append(
-            f"| {w} | {o['median']:.1f} | {r['median']:.1f} | {o['median'] / r['median']:.2f}x"
-            f" | {o['cpu_ms_per_item']:.1f}, {r['cpu_ms_per_item']:.1f}"
-            f" | {o['cores']:.2f}, {r['cores']:.2f}"
-            f" | {min(o['loads'] + r['loads']):.2f}-{max(o['loads'] + r['loads']):.2f} |"
-        )
-    for impl, ratios in t["scaling"].items():
+        ref = by[("reference", t["reference_format"], w)]
+        for (impl, fmt, workers), c in by.items():
+            if workers != w:
+                continue
+            lines.append(
+                f"| {w} | {impl} {fmt} | {c['median']:.1f} | {c['cpu_ms_per_item']:.2f} | "
+                f"{c['cpu_ms_per_item'] / 3:.2f} | {c['median'] / ref['median']:.2f}x | "
+                f"{c['cores']:.2f} | {min(c['loads']):.2f}-{max(c['loads']):.2f} |"
+            )
+    for name, ratios in t["scaling"].items():
         for key, value in ratios.items():
-            lines.append(f"{impl} {key}: {value:.2f}x")
-    return "\n".join(lines)
+            lines.append(f"{name} {key}: {value:.2f}x")
+    return lines
+
+
+def stages_table(result: dict) -> list[str]:
+    st = result["stages"]
+    fmts = list(st["cpu_ms_per_triple"])
+    lines = [
+        (
+            f"CPU ms per triple by stage, one process, one thread; median of "
+            f"{result['args']['windows']} windows of {st['triples_per_window']} triples, load "
+            f"{st['load_before'][0]:.2f} -> {st['load_after'][0]:.2f}"
+        ),
+        "| stage | " + " | ".join(fmts) + " |",
+        "|---|" + "---:|" * len(fmts),
+    ]
+    for stage in (*STAGES, "triple_and_batch"):
+        lines.append(
+            f"| {stage} | "
+            + " | ".join(f"{st['cpu_ms_per_triple'][f][stage]:.3f}" for f in fmts)
+            + " |"
+        )
+    return lines
+
+
+def table(result: dict) -> str:
+    parts = []
+    for key, fn in (("sbi", sbi_table), ("triples", triples_table), ("stages", stages_table)):
+        if key in result:
+            parts.append("\n".join(fn(result)))
+    return "\n\n".join(parts)
 
 
 def parse_args(argv=None):
+    from cmil_jax.data import sources
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--image-size", type=int, default=256, help="image side, px")
     p.add_argument("--workers", default="1,2", help="comma-separated worker counts (0 = inline)")
+    p.add_argument(
+        "--formats",
+        default="png,raw",
+        help=f"comma-separated record formats of ours ({', '.join(sources.IMAGE_FORMATS)}); "
+        "the reference reads the first",
+    )
     p.add_argument("--seconds", type=float, default=5.0, help="length of a timed window, s")
     p.add_argument("--windows", type=int, default=3, help="timed windows per configuration")
     p.add_argument("--warmup", type=float, default=3.0, help="untimed seconds after start-up")
@@ -441,17 +656,31 @@ def parse_args(argv=None):
     )
     p.add_argument("--batch", type=int, default=8, help="triples per batch")
     p.add_argument("--records", type=int, default=480, help="synthetic train records")
+    p.add_argument(
+        "--stage-triples", type=int, default=200, help="triples per window of the stage timing"
+    )
+    p.add_argument(
+        "--before-tree",
+        default=None,
+        help="another source tree (e.g. an export of an earlier commit) whose triple pipeline "
+        "is timed too, as configuration 'before', on the records of the first format",
+    )
     p.add_argument("--data-dir", default=None, help="TFDS dir (default: a temporary one)")
     p.add_argument("--json", default=None, help="write all figures here")
-    p.add_argument("--skip-sbi", action="store_true", help="only the triples")
-    p.add_argument("--skip-triples", action="store_true", help="only the SBI pairs")
+    p.add_argument("--skip-sbi", action="store_true", help="no SBI pairs")
+    p.add_argument("--skip-triples", action="store_true", help="no training triples")
+    p.add_argument("--skip-stages", action="store_true", help="no stage timing")
     p.add_argument("--smoke", action="store_true", help="tiny sizes and windows (for tests)")
     args = p.parse_args(argv)
     args.workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    bad = [f for f in args.formats if f not in sources.IMAGE_FORMATS]
+    if bad or not args.formats:
+        p.error(f"--formats takes {', '.join(sources.IMAGE_FORMATS)}, got {bad or 'nothing'}")
     if args.smoke:
         args.image_size = min(args.image_size, 64)
         args.seconds, args.windows, args.warmup = 0.2, 2, 0.1
-        args.batch, args.records = 2, 12
+        args.batch, args.records, args.stage_triples = 2, 12, 4
     return args
 
 
@@ -476,13 +705,16 @@ def main(argv=None):
             f"{result['sbi']['reference']['median']:.1f} pairs/s",
             flush=True,
         )
-    if not args.skip_triples:
+    if not (args.skip_triples and args.skip_stages):
         with tempfile.TemporaryDirectory() as tmp:
             args.data_dir = args.data_dir or tmp
-            result["triples"] = bench_triples(args)
+            sources_by_format = open_train_sources(args)
+            if not args.skip_triples:
+                result["triples"] = bench_triples(args, sources_by_format)
+            if not args.skip_stages:
+                result["stages"] = bench_stages(args, sources_by_format)
     result["load_average_end"] = load_average()
-    if "sbi" in result and "triples" in result:
-        print(table(result))
+    print(table(result))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -28,7 +28,8 @@ def test_reference_sbi_outputs_are_valid():
 
 def test_smoke_run_writes_all_figures(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "benchmarks.input_pipeline", "--smoke", "--workers", "1,2"]
+    cmd = [sys.executable, "-m", "benchmarks.input_pipeline", "--smoke", "--workers", "1,2",
+           "--formats", "png,raw"]
     proc = subprocess.run(
         [*cmd, "--json", str(out)],
         check=False,
@@ -39,23 +40,50 @@ def test_smoke_run_writes_all_figures(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert {"date", "command", "machine", "args", "load_average_start", "sbi", "triples"} <= set(
-        result
-    )
+    assert {"date", "command", "machine", "args", "load_average_start", "sbi", "triples",
+            "stages"} <= set(result)
     assert {"cpu_model", "vcpus", "numpy", "opencv", "grain"} <= set(result["machine"])
     for impl in ("ours", "reference"):
         assert result["sbi"][impl]["median"] > 0 and result["sbi"][impl]["cpu_ms_per_item"] > 0
         assert all(r > 0 for r in result["sbi"][impl]["windows"])
     configs = result["triples"]["configs"]
-    assert sorted((c["impl"], c["workers"]) for c in configs) == [
-        ("ours", 1),
-        ("ours", 2),
-        ("reference", 1),
-        ("reference", 2),
+    assert sorted((c["impl"], c["format"], c["workers"]) for c in configs) == [
+        ("ours", "png", 1),
+        ("ours", "png", 2),
+        ("ours", "raw", 1),
+        ("ours", "raw", 2),
+        ("reference", "png", 1),
+        ("reference", "png", 2),
     ]
     for c in configs:
         assert c["median"] > 0 and len(c["windows"]) == result["args"]["windows"]
-        assert all(r > 0 for r in c["windows"])
-    for impl in ("ours", "reference"):
-        assert result["triples"]["scaling"][impl]["2w/1w"] > 0
+        assert all(r > 0 for r in c["windows"]) and c["cpu_ms_per_item"] > 0
+    for name in ("ours png", "ours raw", "reference png"):
+        assert result["triples"]["scaling"][name]["2w/1w"] > 0
+    stages = result["stages"]["cpu_ms_per_triple"]
+    assert set(stages) == {"png", "raw"}
+    for per_stage in stages.values():
+        assert {"read", "decode", "sbi", "augment", "triple", "batch"} <= set(per_stage)
+        assert per_stage["triple"] > 0 and per_stage["sbi"] > 0
     assert "pairs/s" in proc.stdout and "triples/s" in proc.stdout
+    assert "| ours raw |" in proc.stdout and "| stage | png | raw |" in proc.stdout
+
+
+def test_before_tree_runs_another_trees_pipeline(tmp_path):
+    """--before-tree times the pipeline of a given source tree (here this one) in a child
+    process, alongside the others."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "benchmarks.input_pipeline", "--smoke", "--workers", "0",
+           "--formats", "raw", "--skip-sbi", "--skip-stages", "--before-tree", ROOT,
+           "--json", str(out)]
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    configs = json.loads(out.read_text())["triples"]["configs"]
+    assert sorted((c["impl"], c["format"], c["workers"]) for c in configs) == [
+        ("before", "raw", 0),
+        ("ours", "raw", 0),
+        ("reference", "raw", 0),
+    ]
+    before = next(c for c in configs if c["impl"] == "before")
+    assert before["median"] > 0 and before["worker_processes"] >= 1  # the child process

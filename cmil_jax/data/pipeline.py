@@ -73,7 +73,10 @@ def _mask_uint8(mask, shape) -> np.ndarray:
         return mask
     if mask.dtype == bool:
         return mask.astype(np.uint8) * 255
-    return np.clip(np.rint(mask.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
+    scaled = np.multiply(mask, np.float32(255.0), dtype=np.float32)
+    np.rint(scaled, out=scaled)
+    np.clip(scaled, 0, 255, out=scaled)
+    return scaled.astype(np.uint8)
 
 
 def _out(image, mask, label, is_fake, has_seq) -> dict[str, np.ndarray]:
@@ -104,7 +107,8 @@ class _AugmentExample:
 
 
 class _TripleExample:
-    """Index j of the originals -> (genuine, SBI pseudo-fake, dataset fake), stacked on axis 0."""
+    """Index j of the originals -> (genuine, SBI pseudo-fake, dataset fake): a dict of
+    TRAIN_KEYS, each a list of the three rows' values (``_TripleBatch`` stacks them)."""
 
     def __init__(self, source, originals: np.ndarray, fakes: np.ndarray, image_size: int,
                  cfg: augment_lib.AugmentConfig, has_seq: bool, sbi_labels: str = "zeros"):
@@ -133,23 +137,42 @@ class _TripleExample:
         shape = real_img.shape[:2]
         zeros = np.zeros(MAX_LEN, np.int32)
         parts = [
-            (real_img, np.zeros(shape, np.uint8), zeros, 0),
+            (real_img, None, zeros, 0),  # mask 0: made after the augmentation, not moved by it
             (sbi_img, _mask_uint8(sbi_mask, shape), zeros, 1),
             (fake["image"], _mask_uint8(fake.get("mask"), fake["image"].shape[:2]),
              fake["label"], 1),
         ]
-        outs = []
+        rows = {k: [] for k in TRAIN_KEYS}
         for row, (image, mask, label, is_fake) in enumerate(parts):
             image, mask, _ = augment_lib.weak_augment(
                 np.asarray(image, np.uint8), rng, self.cfg, image_size=self.image_size, mask=mask)
+            if mask is None:
+                mask = np.zeros(image.shape[:2], np.uint8)
             has_seq = self.sbi_has_seq if row == 1 else self.has_seq
-            outs.append(_out(image, mask, label, is_fake, has_seq))
-        return {k: np.stack([o[k] for o in outs]) for k in TRAIN_KEYS}
+            for k, v in _out(image, mask, label, is_fake, has_seq).items():
+                rows[k].append(v)
+        return rows
 
 
-def _concat_triples(elements: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """B triples (each with leading axis 3) -> one batch of 3B images, triple-major."""
-    return {k: np.concatenate([e[k] for e in elements]) for k in elements[0]}
+class _TripleBatch:
+    """grain batch_fn: B triples (``_TripleExample`` dicts of 3-row lists) -> one batch of 3B
+    images, triple-major.
+
+    Every value is copied once, into the batch (grain then copies a worker's batch into shared
+    memory; a batch allocated there directly would be lost, and reported as leaked at exit,
+    whenever the worker stops with batches in its own prefetch buffer).
+    """
+
+    def __call__(self, elements: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+        out = {}
+        for k in elements[0]:
+            first = np.asarray(elements[0][k][0])
+            batch = np.empty((3 * len(elements), *first.shape), first.dtype)
+            for t, e in enumerate(elements):
+                for r, value in enumerate(e[k]):
+                    batch[3 * t + r] = value
+            out[k] = batch
+        return out
 
 
 class _EvalExample:
@@ -228,6 +251,20 @@ def _labels_and_fake(source) -> tuple[np.ndarray, np.ndarray]:
     return labels, is_fake
 
 
+def epoch_size(source, triples: bool) -> int:
+    """Elements of ``source`` in one training epoch (the definition train.training_steps uses).
+
+    Triples: the genuine images. Each triple is built around one genuine image (it and its SBI
+    pseudo-fake) with a fake drawn at random, and the triple stream is a shuffled pass over the
+    genuine images repeated, so an epoch is one pass over them (every genuine image, and every
+    SBI pseudo-fake made from it, seen once). Single images: all records.
+    """
+    if not triples:
+        return len(source)
+    _, is_fake = _labels_and_fake(source)
+    return int(np.count_nonzero(is_fake == 0))
+
+
 # --------------------------------------------------------------------------------------------
 # Public pipelines
 
@@ -257,7 +294,9 @@ def make_triple_train_dataset(source, *, batch_size: int, seed: int, image_size:
                               sbi_labels: str = "zeros") -> grain.IterDataset:
     """Infinite batches of training triples (method.md, "Data and training"), 3*batch_size images each.
 
-    One epoch = one pass over the shuffled genuine images. Triple t fills rows 3t, 3t+1, 3t+2:
+    One epoch = one pass over the shuffled genuine images (``epoch_size``): the order of the
+    genuine images is reshuffled after every ``epoch_size(source, True)`` triples. Triple t fills
+    rows 3t, 3t+1, 3t+2:
       3t    genuine x_r (the 'real' output of self_blend), label 0s, is_fake 0, mask 0
       3t+1  SBI(x_r) (cmil_jax.data.sbi.self_blend), label 0s, is_fake 1, mask = blend mask
       3t+2  a uniformly drawn manipulated image, its label, is_fake 1, its manipulation mask
@@ -268,7 +307,7 @@ def make_triple_train_dataset(source, *, batch_size: int, seed: int, image_size:
     ds = _triple_elements(source, seed, image_size, augment_lib.as_config(augment_cfg), has_seq,
                           sbi_labels)
     index, count = process_shard(shard)
-    ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_concat_triples)
+    ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_TripleBatch())
     return _to_iter(ds[index::count], num_workers, num_threads, prefetch)
 
 
@@ -283,7 +322,9 @@ def make_joint_train_dataset(source, joint_source, *, batch_size: int, joint_bat
     sequence labels train L^U, L^V and L_Rank) followed by joint_batch_size elements of
     ``joint_source`` (has_seq 0: a binary-only dataset such as FF++, which only L_CLS sees).
     Elements are single images, or triples (3 rows each) when ``triples``; both streams are
-    shuffled independently (the joint one with seed + 1) and repeat forever.
+    shuffled independently (the joint one with seed + 1) and repeat forever. An epoch is one
+    pass over ``source`` (``epoch_size``: batch_size - joint_batch_size of its elements a
+    batch); the joint stream wraps around at its own length.
     """
     if not 0 < joint_batch_size < batch_size:
         raise ValueError(f"joint_batch_size must be in (0, {batch_size}), got {joint_batch_size}")
@@ -292,7 +333,7 @@ def make_joint_train_dataset(source, joint_source, *, batch_size: int, joint_bat
         elements = functools.partial(_triple_elements, sbi_labels=sbi_labels)
     else:
         elements = _plain_elements
-    batch_fn = _concat_triples if triples else None
+    batch_fn = _TripleBatch() if triples else None
     main = elements(source, seed, image_size, cfg, True).batch(
         batch_size - joint_batch_size, drop_remainder=True, batch_fn=batch_fn)
     joint = elements(joint_source, seed + 1, image_size, cfg, False).batch(

@@ -3,17 +3,27 @@
 Record schema (``seq_deepfake_features()``), shared by all builders (the built-in synthetic
 faces, ``cmil_jax.data.synthetic_dataset``; Seq-DeepFake and the video benchmarks, data_prep/):
 
-  image      bytes    encoded PNG or JPEG (any colour image OpenCV decodes), RGB content
+  image      bytes    encoded PNG or JPEG (any colour image OpenCV decodes), or raw pixels
+                      (``encode_raw``), RGB content
   label      int32 (5,)    manipulation sequence, 0-padded (all zeros = original)
   landmarks  float32 (68,2) (x, y) pixels in the stored image, iBUG 68-point order (landmarks68)
-  mask       bytes    encoded PNG of a uint8 (H,W) manipulation mask (0..255); b'' = no mask
+  mask       bytes    encoded PNG or raw pixels of a uint8 (H,W) manipulation mask (0..255);
+                      b'' = no mask
   path       str      origin of the image (relative file name or synthetic id)
 
 Images and masks are stored as encoded bytes in ``Tensor(shape=(), dtype=object)`` features, so
 TFDS only (de)serialises bytes: building and reading need NumPy, array_record and OpenCV, not
 TensorFlow. Decoding happens in ``RecordSource.__getitem__``, i.e. in the grain worker that
-asks for the record. Synthetic images are PNG (lossless, see ``synthetic_dataset``); the
-data_prep builders keep a dataset's original JPEG bytes where they can.
+asks for the record. Synthetic images are PNG or raw (lossless, see ``synthetic_dataset``);
+the data_prep builders keep a dataset's original JPEG bytes where they can, or store raw
+pixels (``--image-format raw``).
+
+Record formats (``IMAGE_FORMATS``), all read by the same ``decode_image`` / ``decode_mask``:
+'png' / 'jpeg' (OpenCV codecs) and 'raw': ``RAW_MAGIC``, then height, width and channels as
+little-endian uint32, then the uint8 pixels in (H, W, C) order, RGB. ArrayRecord already
+compresses every record with zstd (level 3, TFDS's writer), so raw records are stored
+losslessly compressed and read without any image codec: decoding is a copy. The pixels are
+those the PNG/JPEG path decodes, bit for bit (tested).
 
 Dataset names are ``<builder>/<config>`` directories under ``data_dir`` holding one version
 directory each, e.g. ``cmil_synthetic/facial_components_112px_6000-600-1200_seed0/1.0.0``.
@@ -25,6 +35,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
+import struct
 from typing import Any
 
 import cv2
@@ -60,6 +71,64 @@ def seq_deepfake_features():
     })
 
 
+# How a builder stores pixels: 'png' (lossless, zlib), 'raw' (lossless, no codec; see above).
+IMAGE_FORMATS = ("png", "raw")
+RAW_MAGIC = b"CMILRAW\x00"
+_RAW_HEADER = struct.Struct("<8sIII")  # magic, height, width, channels
+
+
+def encode_raw(array: np.ndarray) -> bytes:
+    """Raw record bytes of a uint8 (H,W) or RGB (H,W,3) array (header + pixels, see above)."""
+    array = np.ascontiguousarray(array)
+    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (
+            array.ndim == 3 and array.shape[2] != 3):
+        raise ValueError(f"raw encoding takes uint8 (H,W) or (H,W,3) arrays, got "
+                         f"{array.dtype} {array.shape}")
+    h, w = array.shape[:2]
+    channels = 1 if array.ndim == 2 else 3
+    return _RAW_HEADER.pack(RAW_MAGIC, h, w, channels) + array.tobytes()
+
+
+def decode_raw(data: bytes) -> np.ndarray | None:
+    """uint8 (H,W) or (H,W,3) array (a writable copy) from raw record bytes; None when the
+    bytes are not raw (no ``RAW_MAGIC``) or their length disagrees with the header."""
+    if len(data) < _RAW_HEADER.size or not data.startswith(RAW_MAGIC):
+        return None
+    _, h, w, channels = _RAW_HEADER.unpack_from(data)
+    if channels not in (1, 3) or len(data) != _RAW_HEADER.size + h * w * channels:
+        return None
+    shape = (h, w) if channels == 1 else (h, w, 3)
+    return np.frombuffer(data, np.uint8, offset=_RAW_HEADER.size).reshape(shape).copy()
+
+
+def _raw_problem(data: bytes) -> str:
+    """'' for bytes that are not raw; else what is wrong with their header, for messages."""
+    if not data.startswith(RAW_MAGIC):
+        return ""
+    if len(data) < _RAW_HEADER.size:
+        return f" (raw record of {len(data)} bytes: shorter than its header)"
+    _, h, w, c = _RAW_HEADER.unpack_from(data)
+    return (f" (raw record of {len(data)} bytes; its header says {h}x{w}x{c}, expected "
+            f"{_RAW_HEADER.size + h * w * c} bytes and 3 channels for images, 1 for masks)")
+
+
+def encode_image(array: np.ndarray, image_format: str) -> bytes:
+    """Record bytes of a uint8 (H,W) or RGB (H,W,3) array in ``image_format`` (IMAGE_FORMATS)."""
+    if image_format == "png":
+        return encode_png(array)
+    if image_format == "raw":
+        return encode_raw(array)
+    raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
+
+
+def encode_mask(mask: np.ndarray, image_format: str) -> bytes:
+    """Record bytes of a uint8 (H,W) mask in ``image_format``; raw masks that are all zero are
+    stored as b'' (no mask: decoded as zeros of the image's shape)."""
+    if image_format == "raw" and not np.any(mask):
+        return b""
+    return encode_image(mask, image_format)
+
+
 def encode_png(array: np.ndarray, compression: int = 1) -> bytes:
     """PNG bytes of a uint8 (H,W) or RGB (H,W,3) array."""
     if array.ndim == 3:
@@ -71,9 +140,14 @@ def encode_png(array: np.ndarray, compression: int = 1) -> bytes:
 
 
 def decode_image(data: bytes) -> np.ndarray | None:
-    """uint8 RGB (H,W,3) from PNG/JPEG bytes, or None if OpenCV cannot decode them."""
+    """uint8 RGB (H,W,3) from raw, PNG or JPEG bytes, or None if they cannot be decoded."""
     if not data:
         return None
+    if data.startswith(RAW_MAGIC):
+        img = decode_raw(data)
+        if img is not None and img.ndim == 2:
+            img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+        return img
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if img is None:
         return None
@@ -81,9 +155,13 @@ def decode_image(data: bytes) -> np.ndarray | None:
 
 
 def decode_mask(data: bytes, shape: tuple[int, int]) -> np.ndarray | None:
-    """uint8 (H,W) from PNG bytes; zeros of ``shape`` for empty bytes; None if undecodable."""
+    """uint8 (H,W) from raw or PNG bytes; zeros of ``shape`` for empty bytes; None if
+    undecodable."""
     if not data:
         return np.zeros(shape, np.uint8)
+    if data.startswith(RAW_MAGIC):
+        mask = decode_raw(data)
+        return mask if mask is not None and mask.ndim == 2 else None
     return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
 
 
@@ -195,10 +273,11 @@ class RecordSource:
         try:
             image = decode_image(rec["image"])
             if image is None:
-                raise ValueError("image bytes are not a decodable PNG/JPEG")
+                raise ValueError("image bytes are not a decodable PNG/JPEG"
+                                 + _raw_problem(rec["image"]))
             mask = decode_mask(rec.get("mask", b""), image.shape[:2])
             if mask is None:
-                raise ValueError("mask bytes are not a decodable PNG")
+                raise ValueError("mask bytes are not a decodable PNG" + _raw_problem(rec["mask"]))
             if mask.shape != image.shape[:2]:
                 raise ValueError(f"mask shape {mask.shape} != image shape {image.shape[:2]}")
             label = np.asarray(rec["label"], np.int32)
