@@ -2,6 +2,7 @@
 
     python -m benchmarks.profile_step --backbone resnet50 --image-size 256 --batch 128 \
         --dtype bfloat16 [--steps 5] [--warmup 3] [--kernels auto|xla|matmul|onednn] \
+        [--variant SPEC] [--copy-gbs GB/s] [--matmul-tflops TFLOP/s] \
         [--no-torch] [--top 25] [--out DIR]
 
 Traces ``--steps`` steps of the jitted train step of ``cmil_jax.train.setup`` for the config
@@ -11,9 +12,13 @@ kernels of the device plane's streams, on the CPU the XLA thunks of the host pla
 added up, so on several cores the sum exceeds the wall time). Then the twin's eager train step under
 ``torch.profiler`` (device kernels on a GPU, operators on the CPU). Prints, per framework, the
 wall time per step, the summed kernel time per step, the top kernels and the time per kind of
-kernel (convolution, matrix product, fused elementwise/reduction, copies, ...); writes the
-tables to ``DIR/profile_<backbone>.md`` (and the JAX trace under ``DIR/jax_trace`` with
-``--keep-trace``).
+kernel (convolution, matrix product, batch norm, fused elementwise/reduction, copies, ...),
+then the JAX step's time per kind against the step's floor (benchmarks/step_floor.py: FLOPs
+and minimum bytes per kind of kernel, at ``--copy-gbs`` and ``--matmul-tflops``, the device's
+measured copy bandwidth and matrix rate); writes the tables to ``DIR/profile_<backbone>.md``,
+the figures to ``DIR/profile_<backbone>.json`` (and the JAX trace under ``DIR/jax_trace`` with
+``--keep-trace``). ``--variant SPEC`` profiles the train step of a ``benchmarks.throughput``
+``--jax-variant`` (runtime fields such as ``batchnorm=pallas``, raw XLA options) instead.
 """
 
 from __future__ import annotations
@@ -21,16 +26,17 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
+import json
 import os
 import shutil
 import tempfile
 
-from benchmarks import throughput
+from benchmarks import step_floor, throughput
 
 # Kind of a kernel or thunk, from its name (first match wins; lower-case substrings).
 KINDS = (
     ("YNNPACK fusion (XLA:CPU convolutions, products)", ("ynn_fusion",)),
-    ("batch norm", ("bn_fw", "bn_bw", "batch_norm", "batchnorm")),
+    ("batch norm", ("fused_bn", "bn_fw", "bn_bw", "batch_norm", "batchnorm")),
     ("convolution", ("conv", "cudnn", "implicit_gemm", "wgrad", "dgrad", "fprop")),
     ("matrix product", ("gemm", "cublas", "cutlass", "nvjet", "matmul", "dot", "aten::mm",
                         "addmm", "bmm")),
@@ -51,6 +57,14 @@ def kind_of(name: str) -> str:
         if any(k in low for k in keys):
             return kind
     return "other"
+
+
+def kinds_per_step(durations: dict[str, list[float]], steps: int) -> dict[str, float]:
+    """durations: kernel name -> list of ms. -> kind -> ms per step."""
+    kinds = collections.Counter()
+    for name, ds in durations.items():
+        kinds[kind_of(name)] += sum(ds) / steps
+    return dict(kinds)
 
 
 def summarize(durations: dict[str, list[float]], steps: int, top: int) -> tuple[float, list[str]]:
@@ -120,6 +134,7 @@ def _section(what, wall, wall_untraced, times, args) -> dict:
         "wall_ms_per_step_traced": wall,
         "wall_ms_per_step": wall_untraced,
         "kernel_ms_per_step": per_step,
+        "kinds_ms_per_step": kinds_per_step(times, args.steps),
         "lines": lines,
     }
 
@@ -128,7 +143,7 @@ def profile_jax(args, cfg, batch_np, work_dir: str) -> dict:
     import jax
 
     runners, host_vars, extra = throughput.jax_runners(cfg, args, batch_np, {"jax_train"})
-    r = runners["jax_train"]
+    r = runners[f"jax_train@{args.variant}" if args.variant else "jax_train"]
     r.first(args.warmup)
     trace_dir = os.path.join(work_dir, "jax_trace")
     jax.profiler.start_trace(trace_dir)
@@ -140,7 +155,8 @@ def profile_jax(args, cfg, batch_np, work_dir: str) -> dict:
         **_section(what, wall, wall_untraced, times, args),
         "trace_dir": trace_dir,
         "host_vars": host_vars,
-        "runtime": extra["run"].runtime.describe(),
+        "runtime": (extra["variant_runtimes"][args.variant] if args.variant
+                    else extra["run"].runtime.describe()),
     }
 
 
@@ -187,12 +203,19 @@ def parse_args(argv=None):
         default=None,
         help="runtime.kernels: the JAX ResNet's layer set (default: the config's, auto)",
     )
+    p.add_argument("--variant", default=None, metavar="SPEC",
+                   help="profile this benchmarks.throughput --jax-variant's train step")
+    p.add_argument("--copy-gbs", type=float, default=4300.0,
+                   help="copy bandwidth for the floor, GB/s read + written (default: KINDS.md's "
+                   "H200 figure; gpu.sh passes the one it measures)")
+    p.add_argument("--matmul-tflops", type=float, default=790.0,
+                   help="dense matrix rate for the floor, TFLOP/s (default: an H200's in bf16)")
     p.add_argument("--keep-trace", action="store_true", help="keep the JAX trace under --out")
     p.add_argument("--out", default=None, help="write profile_<backbone>.md here")
     args = p.parse_args(argv)
     # Fields that throughput.make_config / jax_runners / torch_runners read.
     args.malloc = None
-    args.jax_variant = []
+    args.jax_variant = [throughput.parse_variant(args.variant)] if args.variant else []
     args.torch_threads = None
     args.torch_alt_threads = None
     args.torch_compile_mode = None
@@ -236,12 +259,31 @@ def main(argv=None):
             *res["lines"],
             "",
         ]
+    floor = step_floor.floor_for(cfg, args.batch, args.dtype, args.copy_gbs, args.matmul_tflops)
+    out += [
+        f"### cmil_jax train step against its floor (benchmarks/step_floor.py; at "
+        f"{args.copy_gbs:.0f} GB/s and {args.matmul_tflops:.0f} TFLOP/s)",
+        "",
+        *step_floor.compare(floor, jax_res["kinds_ms_per_step"]),
+        "",
+        f"floor {floor['total']['ms']:.2f} ms/step = "
+        f"{args.batch / floor['total']['ms'] * 1e3:.0f} images/s; measured wall "
+        f"{jax_res['wall_ms_per_step']:.2f} ms/step = "
+        f"{args.batch / jax_res['wall_ms_per_step'] * 1e3:.0f} images/s",
+        "",
+    ]
     text = "\n".join(out)
     print(text, flush=True)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, f"profile_{args.backbone}.md"), "w") as f:
             f.write(text + "\n")
+        figures = {name: {k: v for k, v in res.items()
+                          if k not in ("lines", "host_vars", "trace_dir")}
+                   for name, res in sections}
+        with open(os.path.join(args.out, f"profile_{args.backbone}.json"), "w") as f:
+            json.dump({"title": title, "variant": args.variant, "sections": figures,
+                       "floor": floor}, f, indent=1)
         if args.keep_trace:
             shutil.copytree(jax_res["trace_dir"], os.path.join(args.out, "jax_trace"),
                             dirs_exist_ok=True)

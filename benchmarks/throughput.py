@@ -3,9 +3,10 @@
     python -m benchmarks.throughput --backbone resnet50 --image-size 256 --batch 128 \
         --json OUT.json \
         [--dtype bfloat16|float32] [--steps N] [--warmup N] [--windows N] [--no-compile] \
-        [--kernels auto|xla|matmul|onednn] [--malloc auto|keep|default] \
+        [--kernels auto|xla|matmul|onednn] [--batchnorm flax|jnp|pallas] \
+        [--malloc auto|keep|default] [--deadline-s S] \
         [--no-infer] [--only RUNNER,...] \
-        [--end-to-end [--e2e-data triples|single] [--e2e-workers N]] \
+        [--end-to-end [--e2e-data triples|single] [--e2e-workers N] [--e2e-format raw|png]] \
         [--jax-variant SPEC ...] [--torch-threads N] [--torch-alt-threads N]
     python -m benchmarks.throughput --report OUT.json ...      # markdown tables
 
@@ -30,18 +31,24 @@ on a shared machine hits all of them alike. The device is synchronised before an
 window (block_until_ready / cuda.synchronize); figures are medians over the windows.
 
 --end-to-end adds the rate of the real input pipeline feeding the same jitted step: the
-built-in synthetic TFDS data set (cmil_jax.data.synthetic_dataset, PNG records, built in a
-temporary directory at --image-size), read as training reads it (cmil_jax.data.inputs: grain
-workers, SBI pseudo-fakes synthesised on the host for the training triples, weak augmentation)
-through parallel.DevicePrefetcher, in windows alternating with that step on one fixed
-device-resident batch of the same shape (the device-only rate). It needs grain and TFDS.
+built-in synthetic TFDS data set (cmil_jax.data.synthetic_dataset, records in --e2e-format,
+raw pixels by default or PNG, built in a temporary directory at --image-size), read as
+training reads it (cmil_jax.data.inputs: grain workers, SBI pseudo-fakes synthesised on the
+host for the training triples, weak augmentation) through parallel.DevicePrefetcher, in windows
+alternating with that step on one fixed device-resident batch of the same shape (the
+device-only rate). It needs grain and TFDS.
 
 Experiments, alternated with the rest: ``--jax-variant SPEC`` times the train step of another
 runtime: SPEC is '+'-joined parts, each a preset (PRESETS: 'conv_xla', 'conv_matmul',
-'conv_onednn' = runtime.kernels, 'ynn_dot' = runtime.xla_cpu_conv 'eigen', and the raw XLA:CPU
-options of past experiments 'no_ynn', 'onednn_custom_call'), a runtime field
-('kernels=matmul', 'xla_cpu_conv=eigen') or a raw XLA option ('xla_cpu_enable_fast_math=true');
-e.g. 'conv_onednn+ynn_dot'. ``--torch-alt-threads 1`` times each torch runner again with
+'conv_onednn' = runtime.kernels, 'ynn_dot' = runtime.xla_cpu_conv 'eigen', 'bn_jnp',
+'bn_pallas' = runtime.batchnorm, and the raw XLA:CPU options of past experiments 'no_ynn',
+'onednn_custom_call'), a runtime field ('kernels=matmul', 'batchnorm=pallas') or a raw XLA
+option ('xla_cpu_enable_fast_math=true', 'xla_gpu_enable_triton_gemm=false'); e.g.
+'conv_onednn+ynn_dot'. A variant that fails to compile is reported, not fatal; variants with raw
+XLA options are compiled last (after torch.compile). Every JAX train runner's first step
+starts from the same state on the same batch: "numerics" in the results gives each variant's
+relative difference from jax_train's loss, loss terms, gradient norm and updated BatchNorm
+statistics. ``--deadline-s`` skips compiles that would end past it and stops the windows there. ``--torch-alt-threads 1`` times each torch runner again with
 torch.set_num_threads(1) during its windows. Besides images/s, each runner reports the process
 CPU time per step, which a shared machine's load disturbs much less than wall time.
 SIGTERM (e.g. from ``timeout``) stops the timing and reports the windows measured so far.
@@ -75,14 +82,20 @@ RUNNERS = (
     "torch_eager_infer",
     "torch_compiled_infer",
 )
+# --deadline-s: what a first call may take (H100, ResNet-50 256 px: JAX train 39-42 s cold,
+# torch.compile train 51-70 s, benchmarks/RESULTS.md), with a margin.
+COMPILE_ESTIMATE_S = {"jax": 50.0, "torch": 80.0}
 # Fields of the config's runtime section that a --jax-variant may set.
-RUNTIME_FIELDS = ("kernels", "xla_cpu_conv")
+RUNTIME_FIELDS = ("kernels", "xla_cpu_conv", "batchnorm")
 # --jax-variant presets: (runtime fields, raw XLA compiler options).
 PRESETS = {
     "conv_xla": ({"kernels": "xla"}, {}),
     "conv_matmul": ({"kernels": "matmul"}, {}),
     "conv_onednn": ({"kernels": "onednn"}, {}),
     "ynn_dot": ({"xla_cpu_conv": "eigen"}, {}),  # YNNPACK for dots only, Eigen convolutions
+    # runtime.batchnorm: the fused BatchNorm (+ add + ReLU) of runtime/fused_batchnorm.py.
+    "bn_jnp": ({"batchnorm": "jnp"}, {}),
+    "bn_pallas": ({"batchnorm": "pallas"}, {}),
     # Past experiments (RESULTS.md): XLA's own kernels for everything YNNPACK would fuse; and
     # oneDNN custom calls, with which jaxlib 0.10 compiles the identical program.
     "no_ynn": ({}, {"xla_cpu_experimental_ynn_fusion_type": ""}),
@@ -149,6 +162,8 @@ def parse_args(argv=None):
         help="torch.set_num_threads (default: torch's own default, one per core)")
     add("--kernels", choices=runtime_lib.KERNELS, default=None,
         help="runtime.kernels of the JAX runners (default: the config's, auto)")
+    add("--batchnorm", choices=runtime_lib.BATCHNORM, default=None,
+        help="runtime.batchnorm of the JAX runners (default: the config's, flax)")
     add("--malloc", choices=runtime_lib.HOST_MALLOC, default=None,
         help="runtime.host_malloc, the host memory of the process (both frameworks): 'keep' = "
         "reuse freed memory, 'default' = glibc's settings, 'auto' (the config's) = 'keep' where "
@@ -165,8 +180,13 @@ def parse_args(argv=None):
     add("--e2e-data", choices=("triples", "single"), default="triples",
         help="end-to-end batches: training triples with host SBI, or single images")
     add("--e2e-workers", type=int, default=None, help="grain worker processes")
+    add("--e2e-format", choices=("raw", "png"), default="raw",
+        help="record format of the end-to-end data (cmil_jax.data.sources.IMAGE_FORMATS)")
     add("--e2e-examples", type=int, default=256, help="synthetic training records")
     add("--e2e-steps", type=int, default=None, help="steps per end-to-end window")
+    add("--deadline-s", type=float, default=None,
+        help="seconds this run may take from the first compile on: compiles that would end "
+        "later are skipped (COMPILE_ESTIMATE_S), windows stop at it")
     add("--json", default=None, help="write the results here")
     add("--report", nargs="+", default=None, metavar="JSON",
         help="print the markdown tables of earlier --json results and exit")
@@ -214,6 +234,8 @@ def make_config(args):
         cfg.runtime.kernels = args.kernels
     if args.malloc:
         cfg.runtime.host_malloc = args.malloc
+    if getattr(args, "batchnorm", None):
+        cfg.runtime.batchnorm = args.batchnorm
     return cfg
 
 
@@ -335,9 +357,17 @@ def jax_runners(cfg, args, batch_np, want):
     variant_states = {v.name: jax.tree.map(lambda x: x.copy(), state) for v in args.jax_variant}
     ctx = {"state": state, "metrics": None, "out": None}
     variant_runtimes = {}
+    # Each train runner's first step starts from the same state on the same batch: its metrics
+    # and BatchNorm statistics after it, on the host, for numerics() (fetched once, untimed).
+    first_steps = {}
+
+    def keep_first(name, new_state, metrics):
+        if name not in first_steps:
+            first_steps[name] = jax.device_get((metrics, new_state.batch_stats))
 
     def train_call():
         ctx["state"], ctx["metrics"] = run.train_step(ctx["state"], batch)
+        keep_first("jax_train", ctx["state"], ctx["metrics"])
 
     def train_sync():
         jax.block_until_ready((ctx["state"], ctx["metrics"]))
@@ -365,8 +395,9 @@ def jax_runners(cfg, args, batch_np, want):
                 lowered = vrun.train_step.lower(v["state"], batch)
                 v["exe"] = lowered.compile(compiler_options=variant.xla_options or None)
 
-            def call(v=v):
+            def call(v=v, name=f"jax_train@{variant.name}"):
                 v["state"], v["metrics"] = v["exe"](v["state"], batch)
+                keep_first(name, v["state"], v["metrics"])
 
             def sync(v=v):
                 jax.block_until_ready((v["state"], v["metrics"]))
@@ -380,8 +411,39 @@ def jax_runners(cfg, args, batch_np, want):
         "run": run,
         "ctx": ctx,
         "variant_runtimes": variant_runtimes,
+        "first_steps": first_steps,
     }
     return runners, host_vars, extra
+
+
+def numerics(first_steps: dict) -> dict:
+    """Each JAX variant's first training step against jax_train's (the same state and batch):
+    relative differences of the loss, every loss term, the gradient norm and the updated
+    BatchNorm statistics (the norm of the difference over the norm, all layers together)."""
+    if "jax_train" not in first_steps:
+        return {}
+    import jax  # pylint: disable=import-outside-toplevel
+
+    ref_metrics, ref_stats = first_steps["jax_train"]
+    ref_leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(ref_stats)]
+    out = {}
+    for name, (metrics, stats) in first_steps.items():
+        if name == "jax_train":
+            continue
+        row = {}
+        for key, ref in ref_metrics.items():
+            a, b = float(metrics[key]), float(ref)
+            row[key] = abs(a - b) / max(abs(b), 1e-12)
+        leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(stats)]
+        diff = sum(float(np.sum((a - b) ** 2)) for a, b in zip(leaves, ref_leaves))
+        norm = sum(float(np.sum(b ** 2)) for b in ref_leaves)
+        row["batch_stats"] = (diff / max(norm, 1e-30)) ** 0.5
+        row["loss_value"] = float(metrics["loss"])
+        row["grad_norm_value"] = float(metrics["grad_norm"])
+        out[name] = row
+    out["jax_train"] = {"loss_value": float(ref_metrics["loss"]),
+                        "grad_norm_value": float(ref_metrics["grad_norm"])}
+    return out
 
 
 def torch_runners(cfg, args, batch_np, flax_vars, want):
@@ -480,7 +542,7 @@ def end_to_end(args, cfg, jax_extra):
     from cmil_jax import parallel
 
     try:
-        from cmil_jax.data import inputs
+        from cmil_jax.data import inputs, synthetic_dataset
     except ImportError as e:
         return {"error": f"end-to-end needs the data stack (grain, tensorflow_datasets): {e}"}
     workers = args.e2e_workers
@@ -498,6 +560,9 @@ def end_to_end(args, cfg, jax_extra):
     batches = None
     try:
         t = time.perf_counter()
+        synthetic_dataset.build_synthetic(  # in --e2e-format; open_splits then finds it
+            inputs.resolve_data_dir(e2e_cfg, workdir), data.subset, data.image_size,
+            args.e2e_examples, 0, 0, seed=data.synthetic.seed, image_format=args.e2e_format)
         source = inputs.open_splits(e2e_cfg, workdir, ("train",))["train"]
         build_s = time.perf_counter() - t
         it = FirstImages(inputs.train_iterator(e2e_cfg, source), args.batch)
@@ -546,10 +611,12 @@ def end_to_end(args, cfg, jax_extra):
         "steps_per_window": steps,
         "grain_workers": workers,
         "records": args.e2e_examples,
+        "record_format": args.e2e_format,
         "records_build_s": build_s,
         "pipeline_first_batch_s": startup_s,
         "pipeline": "cmil_jax.data.inputs.train_iterator on the synthetic TFDS records ("
-        + ("triples: PNG decode, SBI on the host" if triples else "single images: PNG decode")
+        + (f"{args.e2e_format} records; "
+           + ("triples: decode, SBI on the host" if triples else "single images: decode"))
         + ", weak augmentation)",
     }
 
@@ -600,10 +667,24 @@ def run(args) -> dict:
     interrupted = None
     e2e = {"error": "not reached: run interrupted"}
     signal.signal(signal.SIGTERM, _raise_interrupted)  # `timeout` -> report what was measured
+    started = time.monotonic()
+
+    def past_deadline(extra_s=0.0):
+        return args.deadline_s is not None and (
+            time.monotonic() - started + extra_s > args.deadline_s)
 
     def warm(names):
         for name in names:
             r = runners[name]
+            # A compile that would end past --deadline-s is skipped: a process killed inside
+            # a compile could not report anything.
+            if past_deadline(COMPILE_ESTIMATE_S["torch" if name.startswith("torch") else "jax"]):
+                compile_errors[name] = (
+                    f"skipped: its compile would pass --deadline-s {args.deadline_s}")
+                log(f"{name}: {compile_errors[name]}")
+                del runners[name]
+                order.remove(name)
+                continue
             log(f"{name}: first call (compile) ...")
             try:
                 r.first(args.warmup)
@@ -629,8 +710,11 @@ def run(args) -> dict:
 
     try:
         # torch.compile is slowest to compile: the other runners get one window first, so that
-        # a run cut short by `timeout` still reports them.
+        # a run cut short by `timeout` still reports them. JAX variants with raw XLA options
+        # (compiler experiments) come last of all.
+        experiments = {f"jax_train@{v.name}" for v in args.jax_variant if v.xla_options}
         costly = [n for n in order if n.startswith("torch_compiled")]
+        costly += [n for n in order if n in experiments]
         warm([n for n in order if n not in costly])
         if costly and args.windows > 1:
             for name in list(order):
@@ -644,6 +728,10 @@ def run(args) -> dict:
                 e2e = end_to_end(args, cfg, jax_extra)
         warm(costly)
         for w in range(args.windows):
+            if past_deadline(5.0):
+                interrupted = f"--deadline-s {args.deadline_s} reached after {w} windows"
+                log(interrupted)
+                break
             window_round(w)
     except Interrupted as e:
         interrupted = str(e)
@@ -696,6 +784,7 @@ def run(args) -> dict:
         for v in args.jax_variant
     }
     result["runners"] = {n: runners[n].summary() for n in order}
+    result["numerics"] = numerics(jax_extra["first_steps"])
 
     ratios = {}
     for kind in ("train", "infer"):
@@ -778,6 +867,17 @@ def format_table(result) -> str:
         lines.append(f"{k} failed: {v[:300]}")
     for k, v in result["ratios"].items():
         lines.append(f"{k}: {v:.2f}x")
+    twin = {k: result["runners"].get(f"torch_{k}_train", {}).get("images_per_sec")
+            for k in ("eager", "compiled")}
+    for name, r in result["runners"].items():
+        if name.startswith("jax_train@") and r["images_per_sec"]:
+            lines.append(f"{name}: " + ", ".join(
+                f"{r['images_per_sec'] / t:.2f}x torch {k}" for k, t in twin.items() if t))
+    for name, row in result.get("numerics", {}).items():
+        if name != "jax_train":
+            lines.append(
+                f"numerics, first step of {name} against jax_train's (relative differences): "
+                + ", ".join(f"{k} {v:.1e}" for k, v in row.items() if not k.endswith("_value")))
     return "\n".join(lines)
 
 

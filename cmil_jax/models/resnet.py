@@ -60,12 +60,16 @@ class Layers:
         (B, H, W, c): BatchNorm (momentum BN_MOMENTUM, eps BN_EPS; params scale and bias,
         batch_stats mean and var, named as flax.linen.BatchNorm's), then a ReLU when ``relu``.
     max_pool(x): the stem's 3x3, stride 2, padding 1 max pool.
+    norm_add_relu(train, *, scale_init, name, dtype, param_dtype) -> a callable
+        (y, residual) -> relu(BatchNorm(y) + residual), the end of a residual block; None (the
+        default): ``norm`` then the add and the ReLU in the compute dtype.
     """
 
     name: str
     conv: Callable[..., Callable]
     norm: Callable[..., Callable]
     max_pool: Callable[[Any], Any]
+    norm_add_relu: Callable[..., Callable] | None = None
 
 
 def flax_conv(features, kernel_size, stride=1, dilation=1, *, name, dtype, param_dtype,
@@ -123,16 +127,15 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv, norm = _bind(self)
+        conv, norm, norm_add_relu = _bind(self)
         last_init = nn.initializers.zeros if self.zero_init_last_bn else nn.initializers.ones
         y = conv(self.features, 3, self.stride, self.dilation, name="conv1")(x)
         y = norm(train, relu=True, name="bn1")(y)
         y = conv(self.features, 3, 1, self.dilation, name="conv2")(y)
-        y = norm(train, scale_init=last_init, name="bn2")(y)
         if self.stride != 1 or x.shape[-1] != self.features:
             x = conv(self.features, 1, self.stride, name="downsample_conv")(x)
             x = norm(train, name="downsample_bn")(x)
-        return nn.relu(x + y)
+        return norm_add_relu(train, scale_init=last_init, name="bn2")(y, x)
 
 
 class Bottleneck(nn.Module):
@@ -150,7 +153,7 @@ class Bottleneck(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv, norm = _bind(self)
+        conv, norm, norm_add_relu = _bind(self)
         last_init = nn.initializers.zeros if self.zero_init_last_bn else nn.initializers.ones
         out = self.features * self.expansion
         y = conv(self.features, 1, name="conv1")(x)
@@ -158,15 +161,15 @@ class Bottleneck(nn.Module):
         y = conv(self.features, 3, self.stride, self.dilation, name="conv2")(y)
         y = norm(train, relu=True, name="bn2")(y)
         y = conv(out, 1, name="conv3")(y)
-        y = norm(train, scale_init=last_init, name="bn3")(y)
         if self.stride != 1 or x.shape[-1] != out:
             x = conv(out, 1, self.stride, name="downsample_conv")(x)
             x = norm(train, name="downsample_bn")(x)
-        return nn.relu(x + y)
+        return norm_add_relu(train, scale_init=last_init, name="bn3")(y, x)
 
 
 def _bind(module):
-    """The module's conv and norm factories with its dtype and param_dtype filled in."""
+    """The module's conv, norm and norm_add_relu factories with its dtype and param_dtype
+    filled in."""
     kw = dict(dtype=module.dtype, param_dtype=module.param_dtype)
 
     def conv(*args, name):
@@ -175,7 +178,13 @@ def _bind(module):
     def norm(train, *, name, relu=False, scale_init=nn.initializers.ones):
         return module.layers.norm(train, relu=relu, scale_init=scale_init, name=name, **kw)
 
-    return conv, norm
+    def norm_add_relu(train, *, name, scale_init=nn.initializers.ones):
+        if module.layers.norm_add_relu is not None:
+            return module.layers.norm_add_relu(train, scale_init=scale_init, name=name, **kw)
+        bn = norm(train, scale_init=scale_init, name=name)
+        return lambda y, residual: nn.relu(residual + bn(y))
+
+    return conv, norm, norm_add_relu
 
 
 class ResNet(nn.Module):
@@ -201,7 +210,7 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv, norm = _bind(self)
+        conv, norm, _ = _bind(self)
         x = jnp.asarray(x, self.dtype)
         x = conv(self.width, 7, 2, name="conv1")(x)
         x = norm(train, relu=True, name="bn1")(x)
