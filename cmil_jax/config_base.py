@@ -30,14 +30,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.mil_bias_init = 0.5  # [ours] initial b of the MIL fake probability
     c.model.num_class_tokens = labels.NUM_CLASSES  # K = C (paper); 1 in binary mode
     c.model.num_classes = labels.NUM_CLASSES  # C
-    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+    # Compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU; resolved at start-up, logged and
+    # recorded under "resolved_runtime") | float32 | bfloat16. Parameters stay float32.
+    c.model.dtype = "auto"
 
     # How this machine computes the model, never what (cmil_jax/runtime/__init__.py): resolved
     # once at start-up, logged, and recorded in config.json under "resolved_runtime".
     c.runtime = ml_collections.ConfigDict()
     # ResNet layers: auto | xla | matmul | onednn. auto = xla on GPU/TPU; on CPU onednn
     # (oneDNN convolutions and BatchNorm + ReLU; the `onednn` extra) where it can be built and
-    # model.dtype is float32, else matmul. The same choice for any number of devices.
+    # the compute dtype is float32, else matmul. The same choice for any number of devices.
     c.runtime.kernels = "auto"
     # XLA:CPU's convolution kernels: default (XLA's choice) | eigen (its Eigen kernels, which run
     # convolutions of 64 or fewer output channels on every core; YNNPACK runs them on one).
@@ -46,6 +48,12 @@ def base_config() -> ml_collections.ConfigDict:
     # Host memory: keep (reuse freed memory instead of mapping fresh pages every XLA:CPU step)
     # | default (glibc's settings) | auto (keep where JAX runs on the CPU).
     c.runtime.host_malloc = "auto"
+    # BatchNorm of the ResNet (with the ReLU and the residual add that follow it): flax
+    # (flax.linen.BatchNorm, autodiff backward) | jnp (one-pass statistics and a closed-form
+    # backward as a custom VJP in jax.numpy, left to XLA to fuse) | pallas (the same passes as
+    # Pallas kernels: Triton on GPU, interpret mode elsewhere, slow; one device only).
+    # runtime/fused_batchnorm.py; the same variables and numbers up to rounding.
+    c.runtime.batchnorm = "flax"
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "seq_deepfake/facial_attributes"  # TFDS name/config
@@ -104,7 +112,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.use_rank = True  # False in binary mode
 
     c.train = ml_collections.ConfigDict()
-    c.train.init_from = ""  # directory of converted backbone weights (optional)
+    # The backbone's starting weights (cmil_jax/pretrained.py): imagenet (the ImageNet weights
+    # of model.backbone; inferred, docs/method.md) | a name such as resnet50.tv_in1k | a
+    # converted directory or a weights file | none (random initialisation). Logged, and
+    # recorded in config.json under "resolved_weights".
+    c.train.init_from = "imagenet"
+    c.train.init_sha256 = ""  # optional pin: the weights file's sha256
+    c.train.weights_cache = "~/.cache/cmil_jax/weights"  # converted weights, reused by runs
     c.train.batch_size = 64  # global batch of training examples (triples mode: triples)
     c.train.num_epochs = 200  # used when num_steps == 0
     c.train.num_steps = 0
@@ -149,16 +163,20 @@ VIDEO_NO_FACE = ("skip", "full_frame")
 
 
 def video_config() -> ml_collections.ConfigDict:
-    """The video protocol: how a video becomes one score (predict; docs/evaluation.md section 3).
+    """The video protocol: how a video becomes one score, in predict and in evaluation
+    (docs/evaluation.md, "Binary detection" and section 3).
 
     frames_per_video: frames sampled, evenly spaced over the video (data_prep.faces
       .sample_indices, as data_prep.videos samples training frames); all when it has fewer.
+      Evaluation keeps this many of each video's stored frames, evenly spaced.
     face: 'largest' (the largest detected face of a frame is its input) or 'max' (every face
-      found is scored and the frame's score is the highest of them).
-    aggregate: frame scores -> video score: 'mean' (as evaluation's video_auc), 'max',
-      'median'.
+      found is scored and the frame's score is the highest of them). Predict only: a built
+      dataset stores the largest face.
+    aggregate: frame scores -> video score: 'mean', 'max', 'median' (predict, and evaluation's
+      video_auc).
     no_face: a frame without a detected face is 'skip'ped (counted, not scored) or scored on
       the 'full_frame' resized to the model's input. A video with no scored frame has no score.
+      Predict only: a built dataset stores no frame without a face.
     sequence_vote: the video's manipulation sequence is the sequence predicted on the most
       scored frames whose fake probability is at least this (0 = over all of them; when no
       frame reaches it, over all of them); ties go to the sequence whose frames have the
@@ -245,6 +263,7 @@ def apply_demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.train.num_steps = 2500
     c.train.lr = 1e-3
     c.train.backbone_lr_mult = 1.0  # no pretrained backbone in the demo
+    c.train.init_from = "none"  # the demo's small nets have no ImageNet weights
     c.train.warmup_steps = 100
     c.train.log_every = 50
     c.train.eval_every = 500
@@ -321,7 +340,7 @@ def _one_of(*names):
 # cell. ResNets take any side above it (their strided layers round up: 72 px gives 3 x 3 cells).
 MIN_IMAGE_SIZE = 32
 SWIN_SIDE_MULTIPLE = 32  # Swin: patch 4 times three 2x merges, no padding (models/swin.py)
-MODEL_DTYPES = ("float32", "bfloat16")
+MODEL_DTYPES = ("auto", "float32", "bfloat16")
 
 
 def check_values(cfg) -> None:
@@ -410,6 +429,9 @@ def check_values(cfg) -> None:
     parse_sigterm_points(cfg.train.get("debug_sigterm_at", ""))
     if "video" in cfg:
         check_video(cfg.video)
+    from cmil_jax import pretrained  # pylint: disable=import-outside-toplevel
+
+    pretrained.check(cfg)  # train.init_from names weights of model.backbone
 
 
 def validate(cfg, devices: int, processes: int) -> None:
@@ -488,7 +510,8 @@ def load_recorded(path: str) -> ml_collections.ConfigDict:
 
     Runs recorded before the `runtime` section existed are read too: their model.conv_impl is
     dropped (the layers are a runtime choice now), model.cpu_conv_library becomes
-    runtime.xla_cpu_conv and model.init_from train.init_from.
+    runtime.xla_cpu_conv and model.init_from train.init_from. An empty train.init_from (random
+    initialisation before 'none' existed) reads as 'none'.
     """
     import json  # pylint: disable=import-outside-toplevel
 
@@ -508,14 +531,21 @@ def load_recorded(path: str) -> ml_collections.ConfigDict:
         raise ConfigError(f"{path}: expected a JSON object with the config sections "
                           f"{', '.join(sections)} (the run's recorded config)")
     recorded.pop("resolved_runtime", None)
+    recorded.pop("resolved_weights", None)
     model = recorded.get("model", {})
     if "runtime" not in recorded:
         default = base_config().runtime.to_dict()
         model.pop("conv_impl", None)
         default["xla_cpu_conv"] = model.pop("cpu_conv_library", default["xla_cpu_conv"])
         recorded["runtime"] = default
+    # Runtime fields added since the run was recorded take their defaults.
+    recorded["runtime"] = {**base_config().runtime.to_dict(), **recorded["runtime"]}
     if "init_from" in model:
         recorded.setdefault("train", {})["init_from"] = model.pop("init_from")
+    if not recorded["train"].get("init_from"):
+        recorded["train"]["init_from"] = "none"
+    for field in ("init_sha256", "weights_cache"):  # runs recorded before these fields
+        recorded["train"].setdefault(field, base_config().train[field])
     # Runs recorded before the video section existed: the default protocol (recorded fields
     # kept, missing ones filled in).
     recorded["video"] = {**video_config().to_dict(), **recorded.get("video", {})}
@@ -532,6 +562,7 @@ RESUME_FREE_FIELDS = (
     "data.data_dir", "data.num_workers", "data.prefetch",
     "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.tensorboard",  # what is reported, not what is trained
+    "train.weights_cache",  # where converted weights are kept
     "train.debug_sigterm_at",  # when a test stops the run, not what it computes
     "video.",  # how predict (and video evaluation) turn frames into a video score
     "eval.batch_size",

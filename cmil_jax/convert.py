@@ -1,15 +1,19 @@
-"""PyTorch backbone weights -> Flax variables for ``train.init_from``.
+"""Backbone weights (PyTorch layout) -> Flax variables for ``train.init_from``.
 
-    python -m cmil_jax.convert --arch resnet50 --torch-checkpoint resnet50.pth --out weights/r50
-    python -m cmil_jax.convert --arch swin_t --torch-checkpoint swin_tiny.pth --out weights/swin_t \
+    python -m cmil_jax.convert --arch resnet50 --weights model.safetensors --out weights/r50
+    python -m cmil_jax.convert --arch swin_t --weights swin_tiny.pth --out weights/swin_t \
         [--window-size 8]            # resample the position-bias tables for 256 px inputs
     python -m cmil_jax.main ... --config.model.backbone=resnet50 \
         --config.train.init_from=weights/r50
 
-Sources: torchvision's resnet18/34/50 state_dicts; for swin_t/s/b timm's (>= 0.9) state_dicts
-and the official release layout (``{'model': state_dict}`` with each PatchMerging at the end of
-the previous stage, as timm < 0.9 had). A checkpoint wrapped in 'model' / 'state_dict' /
-'module.' is unwrapped. Loading uses ``torch.load(weights_only=True)``.
+Sources: torchvision's resnet18/34/50 state_dicts (timm's ResNet weights use the same keys); for
+swin_t/s/b timm's (>= 0.9) state_dicts and the official release layout (``{'model':
+state_dict}`` with each PatchMerging at the end of the previous stage, as timm < 0.9 had).
+Files: ``.safetensors`` (read with safetensors.numpy: no PyTorch needed), ``.npz`` (one array
+per key) or a PyTorch file (``.pth``, ``.pt``, ``.bin``: ``torch.load(weights_only=True)``, the
+`torch` extra). A checkpoint wrapped in 'model' / 'state_dict' / 'module.' is unwrapped.
+``--torch-checkpoint`` is another name for ``--weights``. Named ImageNet weights are fetched
+and converted by ``cmil_jax.pretrained`` (``train.init_from=imagenet``).
 
 Every tensor is accounted for: each Flax variable of ``build_backbone(arch)`` takes exactly one
 tensor of the expected shape, and the only tensors left over may be the classifier (``fc.*``,
@@ -22,6 +26,7 @@ source file, layout, window size, tensor count).
 
 Python API:
   convert_checkpoint(path, arch, out_dir, layout='auto', window_size=0) -> variables
+  read_state_dict(path) -> {key: numpy} of a .safetensors, .npz or PyTorch file
   convert_state_dict(state_dict, arch, layout='auto', window_size=0) -> variables
   to_torch_state_dict(variables, arch, layout=...) -> {key: numpy}   (the inverse map)
   torch_tensor(path, leaf) -> (torch key, numpy): that map for one variable, for models that
@@ -185,19 +190,35 @@ def swin_window_size(state: dict) -> int:
     raise ValueError("no relative_position_bias_table in the state_dict: not a Swin checkpoint")
 
 
+def _bicubic_matrix(size_in: int, size_out: int, a: float = -0.75) -> np.ndarray:
+    """(size_out, size_in) weights of a 1-D bicubic resize as PyTorch's interpolate computes it
+    (mode 'bicubic', align_corners=False: source x = (i + 0.5) * in / out - 0.5, cubic
+    convolution with a = -0.75, neighbours clamped to the edge)."""
+    x = (np.arange(size_out) + 0.5) * (size_in / size_out) - 0.5
+    x0 = np.floor(x)
+    t = x - x0
+    d = np.stack([t + 1, t, 1 - t, 2 - t])  # distances to the neighbours x0 - 1 .. x0 + 2
+    near = ((a + 2) * d - (a + 3)) * d * d + 1  # |d| <= 1
+    far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a  # 1 < |d| < 2
+    weights = np.where(d <= 1, near, far)
+    matrix = np.zeros((size_out, size_in))
+    for k in range(4):
+        index = np.clip(x0.astype(int) - 1 + k, 0, size_in - 1)
+        np.add.at(matrix, (np.arange(size_out), index), weights[k])
+    return matrix
+
+
 def resize_bias_table(table: np.ndarray, window_size: int) -> np.ndarray:
     """((2w - 1)^2, heads) -> ((2n - 1)^2, heads) for window n, bicubic on the (2w - 1)^2 grid
-    (as timm's resize_rel_pos_bias_table_simple)."""
+    (as timm's resize_rel_pos_bias_table_simple, which calls PyTorch's interpolate; numpy here)."""
     side = int(round(np.sqrt(table.shape[0])))
     new = 2 * window_size - 1
     if side == new:
         return table
-    torch = _import_torch()
-    grid = torch.from_numpy(np.ascontiguousarray(table.T.reshape(1, -1, side, side)))
-    out = torch.nn.functional.interpolate(
-        grid, size=(new, new), mode="bicubic", align_corners=False
-    )
-    return out.reshape(-1, new * new).T.numpy().astype(table.dtype)
+    m = _bicubic_matrix(side, new)
+    grid = table.T.reshape(-1, side, side).astype(np.float64)  # (heads, side, side)
+    out = np.einsum("ij,hjk,lk->hil", m, grid, m)
+    return out.reshape(-1, new * new).T.astype(table.dtype)
 
 
 def convert_state_dict(state: dict, arch: str, layout: str = "auto", window_size: int = 0) -> dict:
@@ -280,6 +301,27 @@ def _import_torch():
         raise ImportError("reading PyTorch checkpoints needs PyTorch: pip install -e '.[torch]' "
                           "(the CPU build)") from e
     return torch
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+    """A weights file -> {key: numpy array}: ``.safetensors`` (safetensors.numpy), ``.npz`` or a
+    PyTorch file (any other suffix: load_torch_state_dict). A 'module.' prefix is dropped.
+    Raises ValueError naming the file when it cannot be read as one."""
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in (".safetensors", ".npz"):
+        return load_torch_state_dict(path)
+    from safetensors import SafetensorError  # pylint: disable=import-outside-toplevel
+    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+
+    try:
+        if suffix == ".safetensors":
+            state = load_file(path)
+        else:
+            with np.load(path, allow_pickle=False) as data:
+                state = {key: data[key] for key in data.files}
+    except (OSError, ValueError, EOFError, SafetensorError) as e:
+        raise ValueError(f"{path}: not a readable {suffix} weights file ({e})") from e
+    return {key.removeprefix("module."): value for key, value in state.items()}
 
 
 def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -422,8 +464,9 @@ def match_tree(current, loaded, source: str = ""):
 def convert_checkpoint(
     checkpoint: str, arch: str, out_dir: str, layout: str = "auto", window_size: int = 0
 ) -> dict:
-    """Reads ``checkpoint``, converts it for ``arch``, writes ``out_dir``; returns the variables."""
-    state = load_torch_state_dict(checkpoint)
+    """Reads ``checkpoint`` (read_state_dict), converts it for ``arch``, writes ``out_dir``;
+    returns the variables."""
+    state = read_state_dict(checkpoint)
     layout = detect_layout(state, arch) if layout == "auto" else layout
     variables = convert_state_dict(state, arch, layout, window_size)
     meta = {
@@ -445,7 +488,8 @@ def main(argv=None) -> int:
         prog="python -m cmil_jax.convert", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--arch", required=True, choices=ARCHS)
-    parser.add_argument("--torch-checkpoint", required=True, help="state_dict file (.pth / .pt)")
+    parser.add_argument("--weights", "--torch-checkpoint", dest="weights", required=True,
+                        help="state_dict file: .safetensors, .npz or PyTorch (.pth / .pt / .bin)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument(
         "--layout", default="auto", choices=("auto", "torchvision", "timm", "official")
@@ -459,7 +503,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         variables = convert_checkpoint(
-            args.torch_checkpoint, args.arch, args.out, args.layout, args.window_size
+            args.weights, args.arch, args.out, args.layout, args.window_size
         )
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -11,8 +11,13 @@
                only chooses the datasets to test on (cross-dataset evaluation), and
                --config.x=y may set data, eval and runtime fields.
 Every config field can be overridden: --config.train.num_steps=100. How this machine computes
-the model (the `runtime` section: ResNet kernels, XLA:CPU options, host memory reuse) is
-resolved once at start-up, logged and recorded in <workdir>/config.json.
+the model (the `runtime` section: ResNet kernels, XLA:CPU options, host memory reuse, and
+model.dtype 'auto': bfloat16 on GPU and TPU, float32 on the CPU) is resolved once at start-up,
+logged and recorded in <workdir>/config.json. So is where the backbone starts from
+(train.init_from: 'imagenet' in the paper configs, 'none' in the demos; cmil_jax/pretrained.py):
+named weights are fetched once with huggingface_hub, checked and converted into a cache; when
+they cannot be had (offline and not cached, a checksum mismatch) the run stops with exit 2
+naming the file, where to put it and the conversion command.
 
 Configs (`--config FILE[:VARIANT]`; docs/datasets.md builds the data each reads):
   configs/seqattr.py     Seq-DeepFake facial_attributes; :demo (synthetic faces, triples,

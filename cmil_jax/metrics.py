@@ -319,16 +319,44 @@ def eer(scores, labels) -> float:
     return float(fpr[k - 1] + t * (fpr[k] - fpr[k - 1]))
 
 
-def video_level_scores(frame_scores, video_ids, frame_labels=None):
-    """Video-level scores as the mean of the frame scores of each video.
+def class_head_score(probs) -> np.ndarray:
+    """The class heads' fake score of each image: max_k p_k, or p_1 with one class.
+
+    Args:
+      probs: (N, C) class probabilities p_k = sigmoid((z^U_k + z^V_k) / 2).
+    Returns:
+      (N,) float64.
+    """
+    probs = _as_matrix("probs", probs)
+    return probs[:, 0] if probs.shape[1] == 1 else probs.max(axis=1)
+
+
+# Frame scores -> video score (the video protocol's `aggregate`, config_base.video_config).
+VIDEO_AGGREGATES = {"mean": np.mean, "max": np.max, "median": np.median}
+
+
+def aggregate(scores, how: str = "mean") -> float:
+    """One video's score from its frame scores: 'mean', 'max' or 'median'; NaN for none."""
+    if how not in VIDEO_AGGREGATES:
+        raise ValueError(f"unknown aggregate {how!r}; expected one of {tuple(VIDEO_AGGREGATES)}")
+    scores = np.asarray(scores, np.float64).reshape(-1)
+    return float(VIDEO_AGGREGATES[how](scores)) if scores.size else float("nan")
+
+
+def video_level_scores(frame_scores, video_ids, frame_labels=None, how: str = "mean"):
+    """Video-level scores: the `how` ('mean', 'max', 'median') of the frame scores of each
+    video.
 
     Args:
       frame_scores: (F,) float.
       video_ids: (F,) video identifier per frame (any sortable type).
       frame_labels: optional (F,) 0/1; must be constant within a video.
+      how: the aggregate (``aggregate``).
     Returns:
       (ids (V,), scores (V,)) with ids sorted, plus labels (V,) when frame_labels is given.
     """
+    if how not in VIDEO_AGGREGATES:
+        raise ValueError(f"unknown aggregate {how!r}; expected one of {tuple(VIDEO_AGGREGATES)}")
     frame_scores = _as_vector("frame_scores", frame_scores)
     video_ids = np.asarray(video_ids)
     if video_ids.shape != frame_scores.shape:
@@ -337,7 +365,12 @@ def video_level_scores(frame_scores, video_ids, frame_labels=None):
     ids, inverse = np.unique(video_ids, return_inverse=True)
     inverse = inverse.reshape(-1)
     counts = np.bincount(inverse, minlength=ids.size)
-    scores = np.bincount(inverse, weights=frame_scores, minlength=ids.size) / counts
+    if how == "mean":
+        scores = np.bincount(inverse, weights=frame_scores, minlength=ids.size) / counts
+    else:
+        grouped = np.split(frame_scores[np.argsort(inverse, kind="stable")],
+                           np.cumsum(counts)[:-1]) if ids.size else []
+        scores = np.array([aggregate(g, how) for g in grouped], np.float64)
     if frame_labels is None:
         return ids, scores
     y = _binary_labels("frame_labels", frame_labels, frame_scores.shape[0], ).astype(np.float64)

@@ -295,8 +295,9 @@ class Predictor:
         return [[self.names[k - 1] for k in seq if k > 0] for seq in seqs]
 
     def class_score(self, probs: np.ndarray) -> np.ndarray:
-        """The frame score evaluation's binary metrics use: max_k p_k (p_1 for binary runs)."""
-        return probs[:, 0] if self.cfg.model.num_classes == 1 else probs.max(axis=1)
+        """The class heads' score, max_k p_k (p_1 for binary runs): evaluation's `class_*`
+        figures; its headline is fake_prob, p(x)."""
+        return metrics_lib.class_head_score(probs)
 
 
 def resolve_protocol(cfg, overrides: dict | None = None):

@@ -59,9 +59,11 @@ class TrainState:
 # ----------------------------------------------------------------------------- setup
 
 
-def build_model(cfg, layers=models.resnet.FLAX_LAYERS) -> models.CMIL:
-    """The CMIL model of cfg.model, computing its ResNet layers with `layers`."""
-    return models.CMIL(**cfg.model, layers=layers)
+def build_model(cfg, layers=models.resnet.FLAX_LAYERS, dtype: str | None = None) -> models.CMIL:
+    """The CMIL model of cfg.model, computing its ResNet layers with `layers` in `dtype`
+    (default: model.dtype, 'auto' resolved by runtime.compute_dtype)."""
+    dtype = dtype or runtime_lib.compute_dtype(cfg.model.dtype)
+    return models.CMIL(**{**cfg.model, "dtype": dtype}, layers=layers)
 
 
 @dataclasses.dataclass
@@ -110,7 +112,7 @@ def setup(cfg, total_steps: int = 1, mesh=None, runtime=None) -> Setup:
     runtime = runtime or runtime_lib.resolve(cfg)
     mesh = mesh or parallel.make_mesh()
     batch_sharding = parallel.batch_sharding(mesh)
-    model = build_model(cfg, runtime.layers)
+    model = build_model(cfg, runtime.layers, runtime.dtype)
     size = cfg.data.image_size
     dummy = jnp.zeros((1, size, size, 3), jnp.uint8)
 
@@ -262,10 +264,34 @@ def make_eval_step(model, loss_cfg, variables_shardings, batch_sharding, options
 # ----------------------------------------------------------------------------- the loop
 
 
-def _total_steps(cfg, train_len: int) -> int:
+def _main_batch(cfg) -> int:
+    """Elements of data.name in each global batch (the rest come from data.joint_name)."""
+    if not cfg.data.joint_name:
+        return cfg.train.batch_size
+    processes = jax.process_count()
+    return cfg.train.batch_size - processes * config_base.joint_batch_size(cfg, processes)
+
+
+def training_steps(cfg, train_source) -> int:
+    """train.num_steps, or the steps of train.num_epochs epochs of `train_source` (at least 1).
+
+    One epoch is one pass over data.pipeline.epoch_size(train_source, data.triples) elements:
+    the genuine images with data.triples (one triple each), else every record. Each global
+    batch takes _main_batch(cfg) of them, so num_epochs epochs take
+    num_epochs * epoch_size // _main_batch steps (a partial batch at an epoch's end carries
+    over into the next epoch). The derivation is logged.
+    """
     if cfg.train.num_steps > 0:
         return cfg.train.num_steps
-    return max(1, cfg.train.num_epochs * train_len // cfg.train.batch_size)
+    from cmil_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+
+    epochs, per_step = cfg.train.num_epochs, _main_batch(cfg)
+    size = pipeline.epoch_size(train_source, cfg.data.triples)
+    steps = max(1, epochs * size // per_step)
+    reporting.log(f"{steps} training steps: {epochs} epoch{'s' * (epochs != 1)} of {size} "
+                  f"{'genuine images (one triple each)' if cfg.data.triples else 'records'}, "
+                  f"{per_step} a step")
+    return steps
 
 
 def _tensorboard(cfg) -> bool:
@@ -291,11 +317,33 @@ def _bad_records(cfg, workdir: str) -> dict:
     return {"bad_records": count} if count else {}
 
 
-def write_config(cfg, workdir: str, runtime: runtime_lib.Runtime) -> None:
-    """<workdir>/config.json: the config as given, and the runtime choices it resolved to."""
+def write_config(cfg, workdir: str, runtime: runtime_lib.Runtime,
+                 weights: dict | None = None) -> None:
+    """<workdir>/config.json: the config as given, the runtime choices it resolved to and, as
+    'resolved_weights', where the backbone started from (weights_record)."""
     if checkpoint.is_primary():
-        checkpoint.write_json(os.path.join(workdir, "config.json"),
-                              {**cfg.to_dict(), "resolved_runtime": runtime.describe()})
+        record = {**cfg.to_dict(), "resolved_runtime": runtime.describe()}
+        if weights is not None:
+            record["resolved_weights"] = weights
+        checkpoint.write_json(os.path.join(workdir, "config.json"), record)
+
+
+def resolve_weights(cfg, workdir: str) -> tuple[Any, dict | None]:
+    """(pretrained.Resolved or None, its config.json record). The weights are fetched and
+    converted only for a run that starts (pretrained.resolve: WeightsError, exit 2, when they
+    cannot be had); a resumed run keeps the record config.json holds."""
+    from cmil_jax import pretrained  # pylint: disable=import-outside-toplevel
+
+    if _has_checkpoint(workdir):
+        try:
+            with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+                return None, json.load(f).get("resolved_weights")
+        except (OSError, ValueError):
+            return None, None
+    resolved = pretrained.resolve(cfg)
+    reporting.log(pretrained.describe(resolved, cfg))
+    record = resolved.describe() if resolved else {"spec": pretrained.NONE}
+    return resolved, {**record, "random_init": resolved is None}
 
 
 def _has_checkpoint(workdir: str) -> bool:
@@ -341,6 +389,7 @@ def start(cfg, workdir: str) -> runtime_lib.Runtime:
     runtime = runtime_lib.resolve(cfg)
     described = runtime.describe()
     reporting.log(f"runtime: {described['backend']}, {jax.device_count()} device(s), "
+                  f"compute dtype {described['dtype']} (model.dtype '{cfg.model.dtype}'), "
                   f"ResNet layers '{described['kernels']}'"
                   + (f", XLA options {described['compiler_options']}"
                      if described["compiler_options"] else ""))
@@ -372,9 +421,10 @@ def train_and_evaluate(cfg, workdir: str, accept_config_changes: bool = False) -
     joint = inputs.joint_splits
     data = inputs.open_splits(cfg, workdir, ("train", "val", "test", *joint(cfg, "train"),
                                              *joint(cfg, "val"), *joint(cfg, "test")))
-    write_config(cfg, workdir, runtime)
+    weights, weights_record = resolve_weights(cfg, workdir)
+    write_config(cfg, workdir, runtime, weights_record)
 
-    total_steps = _total_steps(cfg, len(data["train"]))
+    total_steps = training_steps(cfg, data["train"])
     run = setup(cfg, total_steps, runtime=runtime)
     state = run.init_state()
 
@@ -395,23 +445,24 @@ def train_and_evaluate(cfg, workdir: str, accept_config_changes: bool = False) -
             f"{writer.path} records training up to step {writer.last_train_step()} but "
             f"{manager.directory} holds no checkpoint; move {workdir} away (or remove its "
             "metrics.jsonl) to start again from step 0")
-    elif cfg.train.init_from:
-        state = load_backbone_weights(state, cfg.train.init_from)
+    elif weights is not None:
+        state = load_backbone_weights(state, weights.directory)
 
     best = checkpoint.BestKeeper(workdir, _select_metrics(cfg))
-    videos = {split: evaluation.video_ids(data[split])
+    videos = {split: evaluation.prepare_split(cfg, data[split])  # the video protocol
               for split in ("val", *joint(cfg, "val"))}
     sigterm_hook = faults.SigtermHook(cfg.train.get("debug_sigterm_at", ""), start_step)
 
     def run_eval(variables, interrupt=None):
         """Val metrics; with joint training also the joint dataset's, keys prefixed joint_."""
         result = evaluation.evaluate(run.eval_step, variables,
-                                     inputs.eval_batches(cfg, data["val"]), run.batch_sharding,
-                                     cfg, video_ids=videos["val"], interrupt=interrupt)
+                                     inputs.eval_batches(cfg, videos["val"].source),
+                                     run.batch_sharding, cfg, split=videos["val"],
+                                     interrupt=interrupt)
         for split in joint(cfg, "val"):
             joint_result = evaluation.evaluate(
-                run.eval_step, variables, inputs.eval_batches(cfg, data[split]),
-                run.batch_sharding, cfg, video_ids=videos[split], sequence=False,
+                run.eval_step, variables, inputs.eval_batches(cfg, videos[split].source),
+                run.batch_sharding, cfg, split=videos[split], sequence=False,
                 interrupt=interrupt)
             result.update({f"joint_{k}": v for k, v in joint_result.items()})
         return result
@@ -613,16 +664,19 @@ def evaluate_best(cfg, workdir: str, *, data=None, run: Setup | None = None,
     missing = [split for split, _, _ in tests if split not in data]
     if missing:
         data.update(inputs.open_splits(cfg, workdir, missing))
-    videos = {split: evaluation.video_ids(data[split]) for split, _, _ in tests}
+    videos = {split: evaluation.prepare_split(cfg, data[split]) for split, _, _ in tests}
     first, records = None, []
     for metric in _select_metrics(cfg):
         step, variables = checkpoint.restore_best(workdir, metric, run.abstract_variables)
         for split, dataset, sequence in tests:
             result = evaluation.evaluate(run.eval_step, variables,
-                                         inputs.eval_batches(cfg, data[split]),
-                                         run.batch_sharding, cfg, video_ids=videos[split],
+                                         inputs.eval_batches(cfg, videos[split].source),
+                                         run.batch_sharding, cfg, split=videos[split],
                                          sequence=sequence, interrupt=interrupt)
-            records.append((step, result, {"checkpoint": f"best_{metric}", "dataset": dataset}))
+            labels = {"checkpoint": f"best_{metric}", "dataset": dataset}
+            if videos[split].label:  # video frames: the protocol names the row
+                labels["video_protocol"] = videos[split].label
+            records.append((step, result, labels))
             reporting.log(f"test on {dataset} (best {metric} on val, step {step}): "
                           + reporting.format_metrics(result))
             first = first or result

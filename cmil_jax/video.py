@@ -6,6 +6,8 @@ are sampled, which face of a frame is scored, how frame scores make the video sc
 happens to frames without a face, and the vote that gives the video's manipulation sequence.
 Frames are sampled and decoded by ``data_prep.faces`` (the code that samples the training
 frames of ``data_prep.videos``), so a video is read here as it is read for training.
+Evaluation applies the same protocol to a built dataset's stored frames
+(``select_stored_frames``, ``metrics.video_level_scores``; docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ import numpy as np
 
 from cmil_jax import disk
 from cmil_jax import localization
+from cmil_jax import metrics
 from cmil_jax import viz
 from data_prep import faces as frame_lib
 
 # Files read as videos: data_prep.videos.VIDEO_EXTS and a few more containers OpenCV reads.
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
-AGGREGATES = {"mean": np.mean, "max": np.max, "median": np.median}
+AGGREGATES = metrics.VIDEO_AGGREGATES
 
 
 def is_video_file(path: str) -> bool:
@@ -146,16 +149,44 @@ def missing_mp4_index(path: str) -> bool:
         return False
 
 
+def select_stored_frames(video_ids, frame_index, num: int) -> np.ndarray:
+    """The records a dataset of stored video frames is evaluated on: per video, ``num`` of its
+    stored frames evenly spaced in frame order (``data_prep.faces.sample_indices``, the
+    sampling of the build and of predict); all of them when it has ``num`` or fewer.
+
+    Args:
+      video_ids: (R,) the video of each record.
+      frame_index: (R,) int, the frame's index in its video (ties keep record order).
+      num: frames per video (``video.frames_per_video``).
+    Returns:
+      (K,) int64 record indices in ascending order (the same for the same records).
+    """
+    video_ids = np.asarray(video_ids)
+    frame_index = np.asarray(frame_index, np.int64).reshape(-1)
+    if video_ids.shape != frame_index.shape:
+        raise ValueError(f"frame_index must have shape {video_ids.shape} like video_ids, "
+                         f"got {frame_index.shape}")
+    if num <= 0:
+        raise ValueError(f"frames per video must be positive, got {num}")
+    _, inverse = np.unique(video_ids.astype(str), return_inverse=True)
+    inverse = inverse.reshape(-1)
+    order = np.lexsort((np.arange(len(frame_index)), frame_index, inverse))  # video, frame
+    counts = np.bincount(inverse)
+    keep = []
+    for group in np.split(order, np.cumsum(counts)[:-1]) if len(order) else []:
+        keep.extend(group[frame_lib.sample_indices(len(group), num)])
+    return np.sort(np.asarray(keep, np.int64))
+
+
 # ----------------------------------------------------------------------------------------------
 # Frame -> video
 
 
 def aggregate(scores: Sequence[float], how: str = "mean") -> float | None:
-    """The video score from its frame scores ('mean', 'max', 'median'); None for no frame."""
-    if how not in AGGREGATES:
-        raise ValueError(f"unknown aggregate {how!r}; expected one of {tuple(AGGREGATES)}")
-    scores = np.asarray(scores, np.float64)
-    return float(AGGREGATES[how](scores)) if scores.size else None
+    """The video score from its frame scores ('mean', 'max', 'median'; ``metrics.aggregate``,
+    as evaluation's video-level metrics); None for no frame."""
+    value = metrics.aggregate(scores, how)  # ValueError for an unknown aggregate
+    return value if np.asarray(scores).size else None
 
 
 def vote_sequence(sequences: Sequence[Sequence[str]], scores: Sequence[float],

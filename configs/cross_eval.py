@@ -7,10 +7,11 @@
 DATASET: celebdf, dfdc, wilddeepfake, dfd (= dfd/c23), ffpp (= ffpp/c23), or a TFDS name such
 as dfd/c40, ffpp/c23_Deepfakes or folders/NAME. `--workdir` is the training run: its model and
 every training override come from <workdir>/config.json, so nothing needs repeating; this config
-only names the dataset and split to test (its other fields are not used). A binary run reports
-AUC, EER, AP (and video-level AUC where records carry video ids); a Seq-DeepFake or joint run
-also gets these from its MIL fake probability. Results are appended to the run's
-metrics.jsonl (split 'test', `dataset` = the TFDS name) and its results.md.
+only names the dataset and split to test (its other fields are not used). Every run reports
+AUC, EER, AP (and video-level AUC where records carry video ids, under the video protocol:
+config section `video`) of its MIL fake probability p(x), and the class heads' beside them as
+`class_auc`, ... Results are appended to the run's metrics.jsonl (split 'test', `dataset` = the
+TFDS name) and its results.md.
 """
 
 from cmil_jax import config_base

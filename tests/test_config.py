@@ -11,12 +11,12 @@ import pytest
 
 from cmil_jax import config_base
 from cmil_jax import train
-from cmil_jax.models import CMIL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = [("seqattr.py", None), ("seqattr.py", "demo"), ("seqattr.py", "demo_single"),
             ("seqcomp.py", None), ("seqcomp.py", "demo"), ("ffpp.py", None), ("ffpp.py", "demo"),
-            ("joint.py", None), ("joint.py", "demo"), ("celebdf_eval.py", None)]
+            ("joint.py", None), ("joint.py", "demo"), ("celebdf_eval.py", None),
+            ("seqcomp.py", "swin_t"), ("ffpp.py", "swin_b")]
 
 
 def _config(name, arg):
@@ -28,15 +28,16 @@ def _config(name, arg):
 
 @pytest.mark.parametrize("name, arg", VARIANTS)
 def test_model_section_builds_the_model(name, arg):
-    """CMIL(**cfg.model): every field of the section is a model attribute, nothing else is."""
+    """CMIL(**cfg.model) (train.build_model, which resolves model.dtype 'auto'): every field of
+    the section is a model attribute, nothing else is."""
     cfg = _config(name, arg)
-    model = CMIL(**cfg.model)
+    model = train.build_model(cfg)
     size = cfg.data.image_size
     variables = jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.uint8),
                            train=False))
     assert variables["params"]["class_tokens"].shape == (cfg.model.num_classes, cfg.model.width)
-    assert set(cfg.runtime) == {"kernels", "xla_cpu_conv", "host_malloc"}
+    assert set(cfg.runtime) == {"kernels", "xla_cpu_conv", "host_malloc", "batchnorm"}
     config_base.validate(cfg, devices=1, processes=1)
 
 

@@ -686,6 +686,7 @@ def test_binary_training_on_a_built_ffpp_fixture_reports_video_auc(ffpp_raw, tmp
     workdir = tmp_path / "run"
     records = _train_tiny(
         "configs/ffpp.py", workdir, out, "--config.model.backbone=resnet10",
+        "--config.train.init_from=none",  # no ImageNet weights for ResNet-10
         "--config.data.test_split=val",  # the fixture's test split has no genuine video left
         "--config.train.batch_size=4", "--config.train.num_steps=6", "--config.train.log_every=3",
         "--config.train.eval_every=6", "--config.train.checkpoint_every=6")

@@ -209,3 +209,23 @@ def test_commands_are_parsed_like_a_shell():
                               ["pip", "install", "-e", ".[test]"],
                               ["python", "-m", "b", "--y", "--config.z=3"], ["tee", "log"]]
     assert list(_flags(["[--ci]", "--a=1", "b"])) == ["--ci", "--a"]
+
+
+def test_reproduce_md_compares_every_table_and_states_its_numbers():
+    """docs/reproduce.md runs `cmil_jax.compare` for every table of cmil_jax/paper.py, and every
+    number of the paper's tables appears in it."""
+    from cmil_jax import paper
+
+    doc = os.path.join("docs", "reproduce.md")
+    compared = set()
+    for _, block in shell_blocks(doc):
+        for cmd in commands(block):
+            if _target(cmd) == ("module", "cmil_jax.compare"):
+                compared.add(cmd[cmd.index("--table") + 1])
+    assert compared == set(paper.TABLES)
+    with open(os.path.join(ROOT, doc), encoding="utf-8") as f:
+        text = f.read()
+    for table in paper.TABLES.values():
+        for row, values in table.rows.items():
+            for column, value in values.items():
+                assert f"{value:.2f}" in text, (table.name, row, column)

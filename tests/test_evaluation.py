@@ -128,8 +128,8 @@ def test_results_table_format_and_file(tmp_path, capsys):
     ]
     table = evaluation.results_table(rows)
     lines = table.strip().split("\n")
-    assert lines[0] == ("| checkpoint | dataset | step | Fixed-Acc | AUC | EER | pixel AUC "
-                        "| images |")
+    assert lines[0] == ("| checkpoint | dataset | step | Fixed-Acc | AUC p(x) | EER p(x) "
+                        "| pixel AUC | images |")
     assert lines[2] == "| best_fixed_acc |  | 600 | 59.68 | 97.00 | 8.10 | - | 1000 |"
     assert lines[3] == "| best_auc | celeb_df:test | 400 | - | - | - | - | 50 |"
     _write_metrics(tmp_path, [{"step": 1, "split": "test", "checkpoint": "best_x", "auc": 0.5}])

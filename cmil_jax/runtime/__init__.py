@@ -7,7 +7,8 @@ Everything that makes the CPU fast lives in this package, apart from the method 
   host_memory.py  glibc settings that keep XLA:CPU from mapping fresh memory every step
 
 ``resolve(cfg)`` turns the config's ``runtime`` section into a ``Runtime`` once, at start-up:
-the ResNet layer set and the XLA compiler options of the jitted steps. The choice depends on
+the compute dtype (``model.dtype``, 'auto' resolved first), the ResNet layer set and the XLA
+compiler options of the jitted steps. The choice depends on
 the backend and the compute dtype, never on the number of devices, so a run on one device and
 a run on several compute the same thing. ``apply_host_memory(cfg)`` must run before JAX starts.
 
@@ -20,6 +21,11 @@ config.runtime.kernels:
 config.runtime.xla_cpu_conv: XLA:CPU's convolution kernels, 'default' (XLA's choice) or
   'eigen' (Eigen convolutions, YNNPACK keeps the matrix products); ignored off the CPU.
 config.runtime.host_malloc: 'auto' | 'keep' | 'default' (host_memory.apply).
+config.runtime.batchnorm: 'flax' (the layer set's BatchNorm) | 'jnp' | 'pallas': the ResNet's
+  BatchNorms, their ReLUs and the blocks' residual add + ReLU as fused_batchnorm.FusedBatchNorm
+  (closed-form backward in jax.numpy, or Pallas kernels; 'pallas' on one device only).
+config.model.dtype: 'auto' computes in bfloat16 on GPU and TPU and in float32 on the CPU;
+  'float32' and 'bfloat16' are used as given (parameters stay float32 either way).
 
 This package is imported before JAX starts (host memory settings must come first), so it
 imports JAX and the models inside its functions.
@@ -35,6 +41,7 @@ from cmil_jax.config_base import ConfigError
 
 KERNELS = ("auto", "xla", "matmul", "onednn")
 HOST_MALLOC = ("auto", "keep", "default")
+BATCHNORM = ("flax", "jnp", "pallas")
 # runtime.xla_cpu_conv -> XLA compiler options on the CPU backend.
 XLA_CPU_CONV = {
     "default": {},
@@ -50,6 +57,7 @@ class Runtime:
     layers: Any  # models.resnet.Layers
     compiler_options: dict | None
     notes: tuple[str, ...] = ()  # why 'auto' chose what it did, when it fell back
+    dtype: str = "float32"  # the model's compute dtype (model.dtype resolved)
 
     def describe(self) -> dict:
         """The resolved choices, for logs and config.json."""
@@ -57,6 +65,7 @@ class Runtime:
 
         return {
             "backend": jax.default_backend(),
+            "dtype": self.dtype,
             "kernels": self.layers.name,
             "compiler_options": dict(self.compiler_options or {}),
             "notes": list(self.notes),
@@ -66,7 +75,7 @@ class Runtime:
 def check(runtime_cfg) -> None:
     """Raises ConfigError on an unknown name in the runtime section."""
     for field, allowed in (("kernels", KERNELS), ("xla_cpu_conv", tuple(XLA_CPU_CONV)),
-                           ("host_malloc", HOST_MALLOC)):
+                           ("host_malloc", HOST_MALLOC), ("batchnorm", BATCHNORM)):
         value = runtime_cfg[field]
         if value not in allowed:
             raise ConfigError(
@@ -112,19 +121,38 @@ def _auto_kernels(dtype) -> tuple[str, tuple[str, ...]]:
     return "onednn", ()
 
 
+def compute_dtype(name: str) -> str:
+    """model.dtype -> the dtype the model computes in: 'auto' is 'bfloat16' on GPU and TPU and
+    'float32' on the CPU (JAX's default backend); other names are returned as given."""
+    import jax  # pylint: disable=import-outside-toplevel
+
+    if name != "auto":
+        return name
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
 def resolve(cfg, log: bool = True) -> Runtime:
-    """The Runtime for `cfg` (its `runtime` section and `model.dtype`); `log` sends the reason
-    for a fallback to the warning log."""
+    """The Runtime for `cfg` (its `runtime` section and `model.dtype`, resolved first: the
+    kernels depend on it); `log` sends the reason for a fallback to the warning log."""
     import jax  # pylint: disable=import-outside-toplevel
 
     check(cfg.runtime)
+    dtype = compute_dtype(cfg.model.dtype)
     name, notes = cfg.runtime.kernels, ()
     if name == "auto":
-        name, notes = _auto_kernels(cfg.model.dtype)
+        name, notes = _auto_kernels(dtype)
     options = None
     if jax.default_backend() == "cpu":
         options = dict(XLA_CPU_CONV[cfg.runtime.xla_cpu_conv]) or None
-    runtime = Runtime(layer_set(name), options, notes)
+    layers = layer_set(name)
+    if cfg.runtime.batchnorm != "flax":
+        if cfg.runtime.batchnorm == "pallas" and jax.device_count() > 1:
+            raise ConfigError(f"config field runtime.batchnorm='pallas' runs on one device, "
+                              f"this run has {jax.device_count()}: use 'jnp' or 'flax'")
+        from cmil_jax.runtime import fused_batchnorm  # pylint: disable=import-outside-toplevel
+
+        layers = fused_batchnorm.layers(layers, cfg.runtime.batchnorm)
+    runtime = Runtime(layers, options, notes, dtype)
     if log:
         for note in notes:
             logging.warning(note)
