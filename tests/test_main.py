@@ -59,7 +59,8 @@ def test_train_resume_and_eval(tmp_path):
     assert recorded["runtime"]["kernels"] == "auto"
     assert recorded["resolved_runtime"]["kernels"] == runtime.resolve(
         config_base.base_config(), log=False).layers.name
-    assert "runtime: cpu, 1 device(s), ResNet layers" in first.stdout + first.stderr
+    log = first.stdout + first.stderr
+    assert "runtime: cpu, 1 device(s), compute dtype float32 (model.dtype 'auto'), ResNet layers" in log
     records = _records(workdir)
     train_steps = [r["step"] for r in records if r["split"] == "train" and "loss" in r]
     assert train_steps == [5, 10, 15, 20]

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--backbone", "resnet10", "--backbone-width", "8", "--image-size", "64",
         "--dtype", "float32", "--warmup", "1"]
@@ -74,9 +76,16 @@ def test_profile_step_sums_kernels_of_both_frameworks(tmp_path):
     assert "layers 'matmul'" in text.splitlines()[0]
     assert "### cmil_jax train step: XLA:CPU thunks" in text
     assert "### PyTorch twin eager train step: aten operators" in text
-    # Each section: wall time, a positive kernel sum, 5 kernels and the kinds table.
-    for section in text.split("### ")[1:]:
+    jax_section, twin_section, floor_section = text.split("### ")[1:]
+    # Each framework's section: wall time, a positive kernel sum, 5 kernels and the kinds table.
+    sums = []
+    for section in (jax_section, twin_section):
         summed = float(section.split("summed kernel time ")[1].split(" ms/step")[0])
         assert summed > 0
         assert section.count("\n| `") == 5
         assert "| kind | ms/step | % |" in section
+        sums.append(summed)
+    # The floor table's profiled total is the JAX step's kernel sum, split by kind.
+    assert floor_section.startswith("cmil_jax train step against its floor")
+    total_row = next(line for line in floor_section.splitlines() if line.startswith("| total |"))
+    assert float(total_row.split("|")[5]) == pytest.approx(sums[0], abs=0.02)
