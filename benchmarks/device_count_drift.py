@@ -116,9 +116,6 @@ def train_run(cfg, runtime, devices, batches, init_params_fn=None) -> list[dict]
     mesh = parallel.make_mesh(devices)
     run = train.setup(cfg, len(batches), mesh=mesh, runtime=runtime)
     state = run.init_state()
-    if cfg.model.dtype == "float64":  # flax keeps BatchNorm's
-        state = state.replace(batch_stats=jax.tree.map(  # statistics in float32
-            lambda x: x.astype(jax.numpy.float64), state.batch_stats))
     if init_params_fn is not None:
         params = jax.device_put(init_params_fn(jax.device_get(state.params)),
                                 run.state_shardings.params)
@@ -192,7 +189,6 @@ def main(argv=None) -> dict:
                                              f"--config.runtime.kernels={kernels}"])
             if args.float64:
                 cfg.model.dtype = "float64"
-                cfg.model.param_dtype = jax.numpy.float64
             runtime = runtime_lib.resolve(cfg)
             batches = draw_batches(cfg, args.steps, workdir)
             grads = gradient_table(first_gradients(cfg, runtime, devices[:1], batches[0]),

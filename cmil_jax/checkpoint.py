@@ -51,7 +51,8 @@ def _leaf_fingerprint(x):
     x = jnp.asarray(x)
     if x.dtype == jnp.bool_:
         x = x.astype(jnp.uint8)
-    words = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    # 64-bit values (model.dtype float64) become two 32-bit words each.
+    words = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
     u = lax.bitcast_convert_type(x, words).astype(jnp.uint32).ravel()
     # Odd weights, distinct per position: a flipped bit or two swapped words change the sum.
     weights = jnp.arange(u.size, dtype=jnp.uint32) * jnp.uint32(2 * _WEIGHT % 2**32) + jnp.uint32(1)

@@ -31,7 +31,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.num_class_tokens = labels.NUM_CLASSES  # K = C (paper); 1 in binary mode
     c.model.num_classes = labels.NUM_CLASSES  # C
     # Compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU; resolved at start-up, logged and
-    # recorded under "resolved_runtime") | float32 | bfloat16. Parameters stay float32.
+    # recorded under "resolved_runtime") | float32 | bfloat16: parameters stay float32. float64:
+    # everything in float64, XLA's layers only, for equivalence checks across topologies
+    # (docs/distributed.md); several times slower.
     c.model.dtype = "auto"
 
     # How this machine computes the model, never what (cmil_jax/runtime/__init__.py): resolved
@@ -340,7 +342,7 @@ def _one_of(*names):
 # cell. ResNets take any side above it (their strided layers round up: 72 px gives 3 x 3 cells).
 MIN_IMAGE_SIZE = 32
 SWIN_SIDE_MULTIPLE = 32  # Swin: patch 4 times three 2x merges, no padding (models/swin.py)
-MODEL_DTYPES = ("auto", "float32", "bfloat16")
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float64")
 
 
 def check_values(cfg) -> None:

@@ -63,7 +63,8 @@ def build_model(cfg, layers=models.resnet.FLAX_LAYERS, dtype: str | None = None)
     """The CMIL model of cfg.model, computing its ResNet layers with `layers` in `dtype`
     (default: model.dtype, 'auto' resolved by runtime.compute_dtype)."""
     dtype = dtype or runtime_lib.compute_dtype(cfg.model.dtype)
-    return models.CMIL(**{**cfg.model, "dtype": dtype}, layers=layers)
+    param_dtype = jnp.float64 if dtype == "float64" else jnp.float32
+    return models.CMIL(**{**cfg.model, "dtype": dtype}, param_dtype=param_dtype, layers=layers)
 
 
 @dataclasses.dataclass
@@ -122,7 +123,9 @@ def setup(cfg, total_steps: int = 1, mesh=None, runtime=None) -> Setup:
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
-            batch_stats=variables.get("batch_stats", {}),
+            # flax's BatchNorm makes its statistics float32 whatever param_dtype is.
+            batch_stats=jax.tree.map(lambda x: x.astype(model.param_dtype),
+                                     variables.get("batch_stats", {})),
             opt_state=optim.make_optimizer(cfg.train, total_steps, params).init(params),
         )
 

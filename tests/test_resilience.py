@@ -36,7 +36,7 @@ COMMON = [
     # in float64 the two stay within 5e-14 for 30 steps, so the device count changes only the
     # order of additions, and this training amplifies any rounding difference (a 1e-7 change
     # of the initial weights grows to 7e-2 in 30 steps in float64 too); tests/test_device_drift.py
-    # asserts the float64 equivalence on triples.
+    # asserts the equivalence on triples in float64, 4 devices and 2 processes x 2 devices.
     "configs/seqattr.py:demo_single",
     *TINY,
     f"--config.train.num_steps={STEPS}",

@@ -183,6 +183,19 @@ def test_resolve_auto_by_backend_and_dtype(monkeypatch):
         runtime.resolve(_config(kernels="onednn"))
 
 
+@pytest.mark.parametrize("field, value", [("kernels", "matmul"), ("kernels", "onednn"),
+                                          ("batchnorm", "jnp")])
+def test_float64_takes_xla_layers_only(field, value):
+    """model.dtype float64 (the equivalence-check mode, tests/test_device_drift.py runs it):
+    float32-only layers are refused before JAX's x64 mode is switched on."""
+    cfg = _config()
+    cfg.model.dtype = "float64"
+    cfg.runtime[field] = value
+    with pytest.raises(config_base.ConfigError, match=f"model.dtype='float64'.*{value}"):
+        runtime.resolve(cfg)
+    assert not jax.config.jax_enable_x64
+
+
 @pytest.mark.parametrize("field, value", [("kernels", "im2col"), ("xla_cpu_conv", "onednn"),
                                           ("host_malloc", "always")])
 def test_unknown_runtime_names_name_the_field(field, value):

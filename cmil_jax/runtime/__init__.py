@@ -25,7 +25,9 @@ config.runtime.batchnorm: 'flax' (the layer set's BatchNorm) | 'jnp' | 'pallas':
   BatchNorms, their ReLUs and the blocks' residual add + ReLU as fused_batchnorm.FusedBatchNorm
   (closed-form backward in jax.numpy, or Pallas kernels; 'pallas' on one device only).
 config.model.dtype: 'auto' computes in bfloat16 on GPU and TPU and in float32 on the CPU;
-  'float32' and 'bfloat16' are used as given (parameters stay float32 either way).
+  'float32' and 'bfloat16' are used as given (parameters stay float32 either way). 'float64'
+  is for equivalence checks: parameters, statistics, optimizer and compute in float64 (JAX's
+  x64 mode, switched on by `resolve`), XLA's own layers only.
 
 This package is imported before JAX starts (host memory settings must come first), so it
 imports JAX and the models inside its functions.
@@ -110,6 +112,9 @@ def _auto_kernels(dtype) -> tuple[str, tuple[str, ...]]:
 
     if jax.default_backend() != "cpu":
         return "xla", ()
+    if jnp.dtype(dtype) == jnp.float64:
+        return "xla", ("runtime.kernels 'auto' uses 'xla': XLA's convolutions are the only "
+                       "layers that compute in float64",)
     if jnp.dtype(dtype) != jnp.float32:
         return "matmul", (f"runtime.kernels 'auto' uses 'matmul': oneDNN layers are float32 "
                           f"only, the model computes in {jnp.dtype(dtype).name}",)
@@ -141,6 +146,14 @@ def resolve(cfg, log: bool = True) -> Runtime:
     name, notes = cfg.runtime.kernels, ()
     if name == "auto":
         name, notes = _auto_kernels(dtype)
+    if dtype == "float64":
+        if name != "xla" or cfg.runtime.batchnorm != "flax":
+            raise ConfigError(
+                f"config field model.dtype='float64' computes with XLA's own layers only: "
+                f"runtime.kernels={cfg.runtime.kernels!r} and runtime.batchnorm="
+                f"{cfg.runtime.batchnorm!r} must be 'auto' or 'xla', and 'flax'")
+        # 64-bit arrays exist only with x64 on: set before the model, data or state are made.
+        jax.config.update("jax_enable_x64", True)
     options = None
     if jax.default_backend() == "cpu":
         options = dict(XLA_CPU_CONV[cfg.runtime.xla_cpu_conv]) or None
