@@ -18,6 +18,8 @@
 #   bash benchmarks/gpu.sh              # on the GPU machine, from the repository root
 #   bash benchmarks/gpu.sh --cpu-smoke  # (or CPU_SMOKE=1) tiny shapes on the CPU, the same
 #                                       # code paths (Pallas in interpret mode), no torch.compile
+#   bash benchmarks/gpu.sh --rehearsal  # instead of the above: the paper recipe end to end for
+#                                       # the budget (benchmarks/rehearsal.py), its own call
 #
 # $OUT (default ./bench_out) receives gpu.log (everything printed, the environment first),
 # RESULTS_gpu.md (the summary, printed last), gpu_results.json (every part's figures) and
@@ -28,10 +30,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 SMOKE="${CPU_SMOKE:-0}"
+REHEARSAL=0
 for arg in "$@"; do
   case "$arg" in
     --cpu-smoke) SMOKE=1 ;;
     --profile) ;;  # the profile is always part of the run now
+    --rehearsal) REHEARSAL=1 ;;
     *) echo "unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -132,6 +136,17 @@ for m in ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "triton", "ml_coll
         print(m, "unavailable:", type(e).__name__)
 EOF
 }
+
+# --rehearsal: only the paper recipe's dress rehearsal (benchmarks/rehearsal.py), the whole
+# budget less a minute of compilation and data build, then stop.
+if [ "$REHEARSAL" = 1 ]; then
+  R=(--minutes $(( (TOTAL_S - 150) / 60 )) --out "$OUT/rehearsal")
+  [ "$SMOKE" = 1 ] && R=(--smoke --out "$OUT/rehearsal")
+  part rehearsal $((TOTAL_S - 10)) 0 60 "$PY" -m benchmarks.rehearsal "${R[@]}"
+  rm -rf "$OUT/rehearsal/data" "$OUT/rehearsal/run/checkpoints" "$OUT/rehearsal/run/best" \
+    "$OUT/rehearsal/hf" "$OUT/rehearsal/weights" "$PARTS"
+  exit 0
+fi
 
 # 1. Ceilings.
 part ceilings 30 400 10 "$PY" -m benchmarks.ceilings "${CEIL[@]}" --json "$PARTS/ceilings.json"

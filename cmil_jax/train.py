@@ -275,6 +275,21 @@ def _main_batch(cfg) -> int:
     return cfg.train.batch_size - processes * config_base.joint_batch_size(cfg, processes)
 
 
+def _describe_batch(cfg, shape) -> str:
+    """'first batch: 12 images of 64 x 64 (4 triples: genuine, SBI, fake; 2 of them from
+    ffpp/c23)' for the global image batch `shape` (N, H, W, 3)."""
+    n, h, w = shape[:3]
+    text = f"first batch: {n} images of {h} x {w}"
+    if cfg.data.triples:
+        text += f" ({n // 3} triples: genuine, SBI, fake"
+        if cfg.data.joint_name:
+            text += f"; {n // 3 - _main_batch(cfg)} of them from {cfg.data.joint_name}"
+        text += ")"
+    elif cfg.data.joint_name:
+        text += f" ({n - _main_batch(cfg)} of them from {cfg.data.joint_name})"
+    return text
+
+
 def training_steps(cfg, train_source) -> int:
     """train.num_steps, or the steps of train.num_epochs epochs of `train_source` (at least 1).
 
@@ -304,6 +319,14 @@ def _tensorboard(cfg) -> bool:
 
 def _select_metrics(cfg) -> list[str]:
     return [m.strip() for m in cfg.eval.select_metrics.split(",") if m.strip()]
+
+
+def _peak_memory() -> dict:
+    """{'peak_memory_gb': the largest peak allocation of this process's devices since the run
+    started (GB)} where the backend reports it (GPU, TPU; not the CPU)."""
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+    peaks = [p for p in peaks if p is not None]
+    return {"peak_memory_gb": max(peaks) / 1e9} if peaks else {}
 
 
 def _bad_records(cfg, workdir: str) -> dict:
@@ -526,9 +549,10 @@ def train_and_evaluate(cfg, workdir: str, accept_config_changes: bool = False) -
                     jax.block_until_ready(step_metrics)
                     first_step_time = time.perf_counter() - t_start
                     writer.write(step, "train", {"time_to_first_step_s": first_step_time})
+                    reporting.log(_describe_batch(cfg, batch["image"].shape))
                 if step % cfg.train.log_every == 0 or step == total_steps:
                     means, nonfinite_flags = window.summary()
-                    means.update(lr=lr_at(step), **_bad_records(cfg, workdir))
+                    means.update(lr=lr_at(step), **_bad_records(cfg, workdir), **_peak_memory())
                     writer.write(step, "train", means)
                     bar.set_postfix(loss=f"{means['loss']:.3f}")
                     if nonfinite.update(step, nonfinite_flags):

@@ -172,3 +172,23 @@ def test_joint_training_mixes_a_binary_dataset_and_tests_both(tmp_path):
     assert "fixed_acc" not in binary_only and 0.0 <= binary_only["auc"] <= 1.0
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["data"]["joint_name"] == "cmil_synthetic/facial_attributes"
+
+
+def test_peak_memory_is_the_largest_device_peak_where_reported(monkeypatch):
+    import jax
+
+    from cmil_jax import train
+
+    class Device:
+        def __init__(self, stats):
+            self.stats = stats
+
+        def memory_stats(self):
+            return self.stats
+
+    monkeypatch.setattr(jax, "local_devices", lambda: [Device({"peak_bytes_in_use": 3e9}),
+                                                       Device({"peak_bytes_in_use": 5e9}),
+                                                       Device({"bytes_in_use": 1})])
+    assert train._peak_memory() == {"peak_memory_gb": 5.0}
+    monkeypatch.setattr(jax, "local_devices", lambda: [Device(None)])  # the CPU reports none
+    assert train._peak_memory() == {}
