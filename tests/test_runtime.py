@@ -62,7 +62,11 @@ def test_outputs_equal_those_recorded_before_the_layer_sets(layers, tag):
         for key in ("class_logits", "mil_emb", "feature_map"):
             want = ref[f"{prefix}/{mode}/{key}"]
             scale = float(np.abs(want).max())
-            np.testing.assert_allclose(out[key], want, rtol=1e-6, atol=1e-6 * scale,
+            # Recorded on an AMD EPYC (Zen 4); XLA:CPU and oneDNN sum in another order on other
+            # CPUs: on an Intel Xeon the outputs moved by up to 5.6e-5 of the largest (ResNet-50,
+            # train mode, whose BatchNorm over 2 images amplifies rounding). A changed layer
+            # moves them by a sizeable fraction of it.
+            np.testing.assert_allclose(out[key], want, rtol=1e-5, atol=1e-4 * scale,
                                        err_msg=f"{mode} {key}")
             # ... and every layer set computes what 'xla' computes, within float32 rounding.
             np.testing.assert_allclose(out[key], ref[f"{tag}/{mode}/{key}"], rtol=1e-3,
