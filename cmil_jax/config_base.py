@@ -566,7 +566,8 @@ RESUME_FREE_FIELDS = (
     "train.tensorboard",  # what is reported, not what is trained
     "train.weights_cache",  # where converted weights are kept
     "train.debug_sigterm_at",  # when a test stops the run, not what it computes
-    "video.",  # how predict (and video evaluation) turn frames into a video score
+    # predict's alone; video.frames_per_video and video.aggregate change the val figures
+    "video.face", "video.no_face", "video.sequence_vote",
     "eval.batch_size",
 )
 

@@ -58,3 +58,16 @@ def test_recorded_config_round_trip_and_older_runs(tmp_path):
     loaded = config_base.load_recorded(str(path))
     assert loaded.to_dict() == as_json
     train.build_model(loaded)  # the model section builds the model again
+
+
+def test_resume_counts_the_video_fields_that_change_val_figures():
+    """A resume with another frames_per_video or aggregate would mix two protocols in one run's
+    val records (and best-checkpoint choice): a change. Predict's own fields are not."""
+    recorded = config_base.base_config()
+    given = config_base.base_config()
+    given.video.face, given.video.no_face, given.video.sequence_vote = "max", "full_frame", 0.0
+    given.runtime.kernels, given.data.num_workers = "xla", 7
+    assert config_base.config_changes(recorded, given) == {}
+    given.video.frames_per_video, given.video.aggregate = 8, "max"
+    assert config_base.config_changes(recorded, given) == {
+        "video.aggregate": ("mean", "max"), "video.frames_per_video": (32, 8)}
