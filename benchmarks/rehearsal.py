@@ -87,7 +87,8 @@ def summarize(workdir: str) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--minutes", type=float, default=8.0)
     p.add_argument("--rate", type=float, default=3000.0,
                    help="images/s expected, for the number of steps")
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--num-train", type=int, default=4000)
     p.add_argument("--evals", type=int, default=6, help="validation passes in the run")
     p.add_argument("--hf-home", default="", help="a huggingface_hub home with the weights")
-    p.add_argument("--out", default="rehearsal_out")
+    p.add_argument("--out", default="rehearsal_out", help="workdir, data and rehearsal.json")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU")
     args = p.parse_args(argv)
 

@@ -211,7 +211,7 @@ def test_predict_on_a_run_with_a_broken_config_json(workdir, tmp_path, capsys): 
     ("data.synthetic.num_val", 0, "must be an integer >= 1"),
     ("model.width", 0, "must be an integer >= 1"),
     ("model.num_heads", 5, "must divide model.width=192"),
-    ("model.dtype", "float16", "must be one of ('auto', 'float32', 'bfloat16')"),
+    ("model.dtype", "float16", "must be one of ('auto', 'float32', 'bfloat16', 'float64')"),
     ("loss.tau", 0.0, "must be a number > 0"),
     ("loss.lambda1", -1.0, "must be a number >= 0"),
     ("train.batch_size", 0, "must be an integer >= 1"),
