@@ -22,7 +22,8 @@ naming the file, where to put it and the conversion command.
 Configs (`--config FILE[:VARIANT]`; docs/datasets.md builds the data each reads):
   configs/seqattr.py     Seq-DeepFake facial_attributes; :demo (synthetic faces, triples,
                          72 px, minutes on a CPU), :demo_single (single images, 96 px)
-  configs/seqcomp.py     Seq-DeepFake facial_components; :demo, :demo_single
+  configs/seqcomp.py     Seq-DeepFake facial_components; :demo (single images, 72 px),
+                         :demo_triples, :demo_single
   configs/ffpp.py        FF++ binary detection; :c23 (default), :c40, :raw, :c23_<methods>
                          (a build with --methods, e.g. :c23_Deepfakes-FaceSwap), :demo
   configs/binary.py      binary training on any built dataset: :ffpp, :celebdf, :dfdc,

@@ -1,5 +1,5 @@
 """Seq-DeepFake, facial_attributes: `--config configs/seqattr.py` (paper recipe) or `configs/seqattr.py:demo`
-(triples, 72 px) or `configs/seqattr.py:demo_single` (single images, 96 px), or
+(= `:demo_triples`: triples, 72 px) or `configs/seqattr.py:demo_single` (single images, 96 px), or
 `configs/seqattr.py:swin_t` (`:swin_s`, `:swin_b`: the Swin backbone at 224 px for 400 epochs,
 cmil_jax/paper.py apply_swin).
 

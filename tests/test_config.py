@@ -14,7 +14,7 @@ from cmil_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = [("seqattr.py", None), ("seqattr.py", "demo"), ("seqattr.py", "demo_single"),
-            ("seqcomp.py", None), ("seqcomp.py", "demo"), ("ffpp.py", None), ("ffpp.py", "demo"),
+            ("seqcomp.py", None), ("seqcomp.py", "demo"), ("seqcomp.py", "demo_triples"), ("ffpp.py", None), ("ffpp.py", "demo"),
             ("joint.py", None), ("joint.py", "demo"), ("celebdf_eval.py", None),
             ("seqcomp.py", "swin_t"), ("ffpp.py", "swin_b")]
 
