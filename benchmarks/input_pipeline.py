@@ -14,7 +14,8 @@ count and record format, and the CPU time of each stage of a triple.
    ours      ``cmil_jax.data.pipeline.make_triple_train_dataset`` on grain workers, reading
              the synthetic TFDS (ArrayRecord) dataset built once per record format in
              --formats (``sources.IMAGE_FORMATS``: 'png' PNG-encoded pixels, 'raw' raw
-             pixels; the same pixels) under --data-dir/<format>;
+             pixels; the same pixels; 'raw-none': the raw records copied by
+             ``data_prep.convert --compression none``, ArrayRecord without zstd) under --data-dir/<format>;
    before    with ``--before-tree DIR``: the same pipeline as the source tree DIR has it (e.g.
              ``git archive <commit> | tar -x -C DIR``), run in a child process that imports
              DIR's ``cmil_jax``, on the records of the first format: the code before a change,
@@ -228,13 +229,19 @@ def open_train_sources(args) -> dict:
     built under --data-dir/<format> on first use)."""
     from cmil_jax.data import sources, synthetic_dataset
 
+    from data_prep import convert
+
     out = {}
     for fmt in args.formats:
-        data_dir = os.path.join(args.data_dir, fmt)
+        image_format, _, compression = fmt.partition("-")
+        data_dir = os.path.join(args.data_dir, image_format)
         name = synthetic_dataset.build_synthetic(
             data_dir, SUBSET, args.image_size, args.records, 1, 1, num_workers=1,
-            image_format=fmt,
+            image_format=image_format,
         )
+        if compression:
+            src_dir, data_dir = data_dir, os.path.join(args.data_dir, fmt)
+            convert.convert(src_dir, name, data_dir, image_format, compression=compression)
         out[fmt] = sources.open_split(data_dir, name, "train")
     return out
 
@@ -511,11 +518,10 @@ def _stage_steps(source, args) -> dict:
         g = decoded[j % n][0]
         sbi.self_blend(g["image"], g["landmarks"], rng)
 
-    def weak(j):
-        (real, fake_sbi, mask), f = blended[j % n], decoded[j % n][1]
-        zeros = np.zeros_like(mask)
-        for image, m in ((real, zeros), (fake_sbi, mask), (f["image"], f["mask"])):
-            augment.weak_augment(image, rng, cfg, image_size=args.image_size, mask=m)
+    def weak(j):  # the images only: training batches carry no masks (pipeline.with_masks)
+        (real, fake_sbi, _), f = blended[j % n], decoded[j % n][1]
+        for image in (real, fake_sbi, f["image"]):
+            augment.weak_augment(image, rng, cfg, image_size=args.image_size)
 
     def whole(j):
         triple(j % len(originals), rng)
@@ -636,8 +642,15 @@ def table(result: dict) -> str:
     return "\n\n".join(parts)
 
 
-def parse_args(argv=None):
+def record_formats() -> list[str]:
+    """--formats choices: each image format (zstd records, as TFDS writes them) and
+    '<format>-none' (the same records uncompressed, data_prep.convert --compression none)."""
     from cmil_jax.data import sources
+
+    return [*sources.IMAGE_FORMATS, *(f"{f}-none" for f in sources.IMAGE_FORMATS)]
+
+
+def parse_args(argv=None):
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--image-size", type=int, default=256, help="image side, px")
@@ -645,7 +658,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--formats",
         default="png,raw",
-        help=f"comma-separated record formats of ours ({', '.join(sources.IMAGE_FORMATS)}); "
+        help=f"comma-separated record formats of ours ({', '.join(record_formats())}); "
         "the reference reads the first",
     )
     p.add_argument("--seconds", type=float, default=5.0, help="length of a timed window, s")
@@ -674,9 +687,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.workers = [int(w) for w in args.workers.split(",") if w.strip()]
     args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    bad = [f for f in args.formats if f not in sources.IMAGE_FORMATS]
+    bad = [f for f in args.formats if f not in record_formats()]
     if bad or not args.formats:
-        p.error(f"--formats takes {', '.join(sources.IMAGE_FORMATS)}, got {bad or 'nothing'}")
+        p.error(f"--formats takes {', '.join(record_formats())}, got {bad or 'nothing'}")
     if args.smoke:
         args.image_size = min(args.image_size, 64)
         args.seconds, args.windows, args.warmup = 0.2, 2, 0.1

@@ -142,8 +142,13 @@ def test_train_batches_contract_and_determinism(built):
     c = _take(iter(pipeline.make_train_dataset(src, seed=2, **kw)), 1)
     _assert_batches_equal(a, b)
     assert not np.array_equal(a[0]["image"], c[0]["image"])
-    batch = a[0]
-    assert set(batch) == set(pipeline.TRAIN_KEYS)
+    assert set(a[0]) == set(pipeline.TRAIN_KEYS) - {"mask"}  # no loss reads the masks
+    # with_masks adds them and changes nothing else (the random draws do not depend on it).
+    with_masks = _take(iter(pipeline.make_train_dataset(src, seed=1, with_masks=True, **kw)), 4)
+    for got, ref in zip(with_masks, a):
+        assert set(got) == set(pipeline.TRAIN_KEYS)
+        _assert_batches_equal([{k: v for k, v in got.items() if k != "mask"}], [ref])
+    batch = with_masks[0]
     assert batch["image"].shape == (8, 48, 48, 3) and batch["image"].dtype == np.uint8
     assert batch["label"].shape == (8, 5) and batch["label"].dtype == np.int32
     assert batch["is_fake"].shape == (8,) and batch["is_fake"].dtype == np.int32
@@ -194,8 +199,13 @@ def test_eval_pads_last_batch_with_valid_flag(built):
 def test_triples_composition_and_labels(built, sbi_module):
     data_dir, name = built
     src = sources.open_split(data_dir, name, "train")
-    ds = pipeline.make_triple_train_dataset(src, batch_size=3, seed=0, image_size=48)
+    ds = pipeline.make_triple_train_dataset(src, batch_size=3, seed=0, image_size=48,
+                                            with_masks=True)
     batch = next(iter(ds))
+    plain = next(iter(pipeline.make_triple_train_dataset(src, batch_size=3, seed=0,
+                                                         image_size=48)))
+    assert set(plain) == set(pipeline.TRAIN_KEYS) - {"mask"}
+    _assert_batches_equal([plain], [{k: v for k, v in batch.items() if k != "mask"}])
     assert batch["image"].shape == (9, 48, 48, 3) and batch["image"].dtype == np.uint8
     assert batch["mask"].shape == (9, 48, 48) and batch["mask"].dtype == np.uint8
     np.testing.assert_array_equal(batch["is_fake"], [0, 1, 1] * 3)
@@ -241,7 +251,8 @@ def test_joint_batches_mix_two_streams_in_fixed_proportion(built):
         src, batch_size=2, seed=6, image_size=32, has_seq=False)), 2)
     for got, a, b in zip(joint, main_ref, joint_ref):
         assert got["image"].shape == (6, 32, 32, 3)
-        for k in pipeline.TRAIN_KEYS:
+        assert set(got) == set(a)
+        for k in got:
             np.testing.assert_array_equal(got[k], np.concatenate([a[k], b[k]]), err_msg=k)
         np.testing.assert_array_equal(got["has_seq"], [1, 1, 1, 1, 0, 0])
     with pytest.raises(ValueError, match="joint_batch_size"):

@@ -71,19 +71,19 @@ def test_smoke_run_writes_all_figures(tmp_path):
 
 def test_before_tree_runs_another_trees_pipeline(tmp_path):
     """--before-tree times the pipeline of a given source tree (here this one) in a child
-    process, alongside the others."""
+    process, alongside the others; 'raw-none' reads the raw records copied uncompressed."""
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "benchmarks.input_pipeline", "--smoke", "--workers", "0",
-           "--formats", "raw", "--skip-sbi", "--skip-stages", "--before-tree", ROOT,
+           "--formats", "raw-none", "--skip-sbi", "--skip-stages", "--before-tree", ROOT,
            "--json", str(out)]
     proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     configs = json.loads(out.read_text())["triples"]["configs"]
     assert sorted((c["impl"], c["format"], c["workers"]) for c in configs) == [
-        ("before", "raw", 0),
-        ("ours", "raw", 0),
-        ("reference", "raw", 0),
+        ("before", "raw-none", 0),
+        ("ours", "raw-none", 0),
+        ("reference", "raw-none", 0),
     ]
     before = next(c for c in configs if c["impl"] == "before")
     assert before["median"] > 0 and before["worker_processes"] >= 1  # the child process

@@ -1,6 +1,8 @@
 """Record formats: raw pixel records decode to the PNG records' pixels, and give the same
 training data for a seed (sources.IMAGE_FORMATS, data_prep.convert)."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -111,7 +113,7 @@ def _assert_same_batches(a, b):
 
 def test_triples_and_batches_identical_for_a_seed(built):
     png, raw = _open(built, "png"), _open(built, "raw")
-    kw = {"batch_size": 3, "seed": 5, "image_size": 48, "shard": False}
+    kw = {"batch_size": 3, "seed": 5, "image_size": 48, "shard": False, "with_masks": True}
     a = _batches(iter(pipeline.make_triple_train_dataset(png, **kw)), 3)
     b = _batches(iter(pipeline.make_triple_train_dataset(raw, **kw)), 3)
     _assert_same_batches(a, b)
@@ -141,6 +143,31 @@ def test_convert_copies_a_dataset_into_raw_and_back(built, tmp_path):
                 a, b = original[i], copy[i]
                 for k in a:
                     np.testing.assert_array_equal(a[k], b[k], err_msg=f"{split} {i} {k}")
+    # --compression none: the same records in larger files that hold every record's bytes.
+    out_none = str(tmp_path / "raw_none")
+    assert convert.main(["--data-dir", out_raw, "--out-dir", out_none, "--name", name,
+                         "--compression", "none"]) == 0
+    for split in ("train", "val", "test"):
+        zstd, plain = (sources.open_split(d, name, split) for d in (out_raw, out_none))
+        for i in range(len(zstd)):
+            assert zstd.raw(i)["image"] == plain.raw(i)["image"]
+            a, b = zstd[i], plain[i]
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k], err_msg=f"{split} {i} {k}")
+
+    def shard_bytes(root, split):
+        version = sources.find_version_dir(os.path.join(root, name))
+        return sum(os.path.getsize(os.path.join(version, f)) for f in os.listdir(version)
+                   if f"-{split}.array_record-" in f)
+
+    image_bytes = sum(len(sources.open_split(out_raw, name, "train").raw(i)["image"])
+                      for i in range(len(sources.open_split(out_raw, name, "train"))))
+    # (ArrayRecord files grow in 64 KiB blocks, so only the order is compared.)
+    assert shard_bytes(out_none, "train") >= image_bytes
+    assert shard_bytes(out_none, "train") > shard_bytes(out_raw, "train")
+    with pytest.raises(SystemExit):  # argparse names the choices
+        convert.main(["--data-dir", out_raw, "--out-dir", out_none, "--name", name,
+                      "--compression", "lz4"])
     # A record that does not decode is copied as it is (training skips it as before).
     bad = {"image": b"not an image", "mask": b"", "label": np.zeros(5, np.int32)}
     assert convert._convert_record(bad, "raw") == (bad, "image does not decode")

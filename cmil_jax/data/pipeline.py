@@ -4,13 +4,18 @@ Batches are dicts of numpy arrays (contract):
   image    uint8 (B,S,S,3)  RGB, 0..255; normalisation happens on the device, in the model
   label    int32 (B,5)      manipulation sequence, 0-padded
   is_fake  int32 (B,)
-  mask     uint8 (B,S,S)    manipulation / SBI blend mask 0..255, 0 where genuine
+  mask     uint8 (B,S,S)    manipulation / SBI blend mask 0..255, 0 where genuine; evaluation
+                            batches always, training batches only with ``with_masks=True`` (no
+                            loss reads it: leaving it out saves its augmentation and a quarter
+                            of the bytes a batch moves between processes and to the device)
   has_seq  float32 (B,)     1 where the sequence label is valid (Seq-DeepFake), 0 for binary-only
   valid    float32 (B,)     eval only: 0 marks padding examples in the last batch
   index    int32 (B,)       eval only: record index in the split (-1 for padding)
 
 Decoding, SBI and augmentation run in ``num_workers`` grain worker processes (spawned; 0 = in
-this process, on ``num_threads`` threads). Each element's randomness comes from grain's
+this process, on ``num_threads`` threads). Workers keep the memory they free (glibc's malloc:
+``runtime.host_memory.keep_freed_memory``), so the buffers of one batch reuse the pages of the
+last instead of mapping and zeroing fresh ones. Each element's randomness comes from grain's
 per-index generator, and batching happens before the worker split, so a given seed yields the
 same batches for any worker count. Spawned workers re-import the main module: scripts that use
 workers need an ``if __name__ == "__main__"`` guard (absl apps have one). Close iterators
@@ -34,8 +39,9 @@ import numpy as np
 from cmil_jax import child_processes
 from cmil_jax.data import augment as augment_lib
 from cmil_jax.labels import MAX_LEN
+from cmil_jax.runtime import host_memory
 
-TRAIN_KEYS = ("image", "label", "is_fake", "mask", "has_seq")
+TRAIN_KEYS = ("image", "label", "is_fake", "mask", "has_seq")  # "mask" with with_masks=True
 # What the SBI row of a triple teaches the sequence losses [ours]: 'zeros' (the all-zero
 # sequence, method.md, "Data and training") or 'masked' (has_seq 0: the SBI image trains L_CLS only).
 SBI_LABELS = ("zeros", "masked")
@@ -52,9 +58,11 @@ def _cv2_single_thread():
 
 
 def worker_init(worker_index: int, worker_count: int) -> None:
-    """grain worker initialiser: OpenCV on one thread; the worker ends with its parent."""
+    """grain worker initialiser: OpenCV on one thread, freed memory kept for reuse (see the
+    module docstring); the worker ends with its parent."""
     del worker_index, worker_count
     child_processes.exit_with_parent()
+    host_memory.keep_freed_memory()
     _cv2_single_thread()
 
 
@@ -80,26 +88,32 @@ def _mask_uint8(mask, shape) -> np.ndarray:
 
 
 def _out(image, mask, label, is_fake, has_seq) -> dict[str, np.ndarray]:
-    return {
+    """One example of the batch contract; no "mask" key when ``mask`` is None."""
+    out = {
         "image": image,
         "label": np.asarray(label, np.int32).reshape(MAX_LEN),
         "is_fake": np.int32(is_fake),
         "mask": mask,
         "has_seq": np.float32(has_seq),
     }
+    if mask is None:
+        del out["mask"]
+    return out
 
 
 class _AugmentExample:
     """Decoded record -> weakly augmented training example at image_size."""
 
-    def __init__(self, image_size: int, cfg: augment_lib.AugmentConfig, has_seq: bool):
+    def __init__(self, image_size: int, cfg: augment_lib.AugmentConfig, has_seq: bool,
+                 with_masks: bool = False):
         self.image_size = image_size
         self.cfg = cfg
         self.has_seq = float(has_seq)
+        self.with_masks = with_masks
 
     def __call__(self, ex: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
         _cv2_single_thread()
-        mask = _mask_uint8(ex.get("mask"), ex["image"].shape[:2])
+        mask = _mask_uint8(ex.get("mask"), ex["image"].shape[:2]) if self.with_masks else None
         image, mask, _ = augment_lib.weak_augment(ex["image"], rng, self.cfg,
                                                   image_size=self.image_size, mask=mask)
         is_fake = ex.get("is_fake", np.any(ex["label"]))
@@ -108,10 +122,12 @@ class _AugmentExample:
 
 class _TripleExample:
     """Index j of the originals -> (genuine, SBI pseudo-fake, dataset fake): a dict of
-    TRAIN_KEYS, each a list of the three rows' values (``_TripleBatch`` stacks them)."""
+    TRAIN_KEYS (no "mask" unless ``with_masks``), each a list of the three rows' values
+    (``_TripleBatch`` stacks them). The random draws do not depend on ``with_masks``."""
 
     def __init__(self, source, originals: np.ndarray, fakes: np.ndarray, image_size: int,
-                 cfg: augment_lib.AugmentConfig, has_seq: bool, sbi_labels: str = "zeros"):
+                 cfg: augment_lib.AugmentConfig, has_seq: bool, sbi_labels: str = "zeros",
+                 with_masks: bool = False):
         if sbi_labels not in SBI_LABELS:
             raise ValueError(f"sbi_labels must be one of {SBI_LABELS}, got {sbi_labels!r}")
         self.sbi_has_seq = float(has_seq) if sbi_labels == "zeros" else 0.0
@@ -121,6 +137,7 @@ class _TripleExample:
         self.image_size = image_size
         self.cfg = cfg
         self.has_seq = float(has_seq)
+        self.with_masks = with_masks
 
     def __call__(self, j: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         from cmil_jax.data.sbi import self_blend
@@ -134,23 +151,21 @@ class _TripleExample:
         except ValueError as e:  # e.g. degenerate landmarks
             raise ValueError(f"SBI failed on record {index} ({genuine.get('path', '?')}) "
                              f"of {self.source!r}: {e}") from e
-        shape = real_img.shape[:2]
         zeros = np.zeros(MAX_LEN, np.int32)
-        parts = [
-            (real_img, None, zeros, 0),  # mask 0: made after the augmentation, not moved by it
-            (sbi_img, _mask_uint8(sbi_mask, shape), zeros, 1),
-            (fake["image"], _mask_uint8(fake.get("mask"), fake["image"].shape[:2]),
-             fake["label"], 1),
-        ]
-        rows = {k: [] for k in TRAIN_KEYS}
-        for row, (image, mask, label, is_fake) in enumerate(parts):
+        masks = (None, None, None)
+        if self.with_masks:  # the genuine row's mask (0) is made after the augmentation
+            masks = (None, _mask_uint8(sbi_mask, real_img.shape[:2]),
+                     _mask_uint8(fake.get("mask"), fake["image"].shape[:2]))
+        parts = [(real_img, zeros, 0), (sbi_img, zeros, 1), (fake["image"], fake["label"], 1)]
+        rows = {}
+        for row, ((image, label, is_fake), mask) in enumerate(zip(parts, masks)):
             image, mask, _ = augment_lib.weak_augment(
                 np.asarray(image, np.uint8), rng, self.cfg, image_size=self.image_size, mask=mask)
-            if mask is None:
+            if mask is None and self.with_masks:
                 mask = np.zeros(image.shape[:2], np.uint8)
             has_seq = self.sbi_has_seq if row == 1 else self.has_seq
             for k, v in _out(image, mask, label, is_fake, has_seq).items():
-                rows[k].append(v)
+                rows.setdefault(k, []).append(v)
         return rows
 
 
@@ -272,8 +287,9 @@ def epoch_size(source, triples: bool) -> int:
 def make_train_dataset(source, *, batch_size: int, seed: int, image_size: int,
                        augment_cfg=None, shard: bool = True, num_workers: int = 0,
                        num_threads: int = 2, prefetch: int = 4,
-                       has_seq: bool = True) -> grain.IterDataset:
-    """Infinite shuffled training batches of single images (contract keys, see module doc).
+                       has_seq: bool = True, with_masks: bool = False) -> grain.IterDataset:
+    """Infinite shuffled training batches of single images (contract keys, see module doc;
+    "mask" only with ``with_masks``, which changes no other value).
 
     source: random-access dataset (``open_split``) of decoded records. batch_size: per process.
     With ``shard`` and P JAX processes, process p takes batches p, p+P, p+2P, ... of one shuffled
@@ -281,7 +297,8 @@ def make_train_dataset(source, *, batch_size: int, seed: int, image_size: int,
     batch sequence does not depend on P, and every process reads a disjoint 1/P of the records.
     ``iter(...)`` gives a checkpointable ``grain.DatasetIterator``.
     """
-    ds = _plain_elements(source, seed, image_size, augment_lib.as_config(augment_cfg), has_seq)
+    ds = _plain_elements(source, seed, image_size, augment_lib.as_config(augment_cfg), has_seq,
+                         with_masks)
     index, count = process_shard(shard)
     ds = ds.batch(batch_size, drop_remainder=True)
     return _to_iter(ds[index::count], num_workers, num_threads, prefetch)
@@ -290,22 +307,23 @@ def make_train_dataset(source, *, batch_size: int, seed: int, image_size: int,
 def make_triple_train_dataset(source, *, batch_size: int, seed: int, image_size: int,
                               augment_cfg=None, shard: bool = True, num_workers: int = 0,
                               num_threads: int = 2, prefetch: int = 4,
-                              has_seq: bool = True,
-                              sbi_labels: str = "zeros") -> grain.IterDataset:
+                              has_seq: bool = True, sbi_labels: str = "zeros",
+                              with_masks: bool = False) -> grain.IterDataset:
     """Infinite batches of training triples (method.md, "Data and training"), 3*batch_size images each.
 
     One epoch = one pass over the shuffled genuine images (``epoch_size``): the order of the
     genuine images is reshuffled after every ``epoch_size(source, True)`` triples. Triple t fills
     rows 3t, 3t+1, 3t+2:
-      3t    genuine x_r (the 'real' output of self_blend), label 0s, is_fake 0, mask 0
-      3t+1  SBI(x_r) (cmil_jax.data.sbi.self_blend), label 0s, is_fake 1, mask = blend mask
-      3t+2  a uniformly drawn manipulated image, its label, is_fake 1, its manipulation mask
+      3t    genuine x_r (the 'real' output of self_blend), label 0s, is_fake 0, [mask 0]
+      3t+1  SBI(x_r) (cmil_jax.data.sbi.self_blend), label 0s, is_fake 1, [mask = blend mask]
+      3t+2  a uniformly drawn manipulated image, its label, is_fake 1, [its manipulation mask]
     Each image is weakly augmented independently. Genuine / fake index lists come from the
     stored labels (no image decoding). ``has_seq`` is the same for all three rows, except that
-    ``sbi_labels='masked'`` sets it to 0 on the SBI row (see SBI_LABELS).
+    ``sbi_labels='masked'`` sets it to 0 on the SBI row (see SBI_LABELS). The masks are in the
+    batch only with ``with_masks`` (which changes no other value).
     """
     ds = _triple_elements(source, seed, image_size, augment_lib.as_config(augment_cfg), has_seq,
-                          sbi_labels)
+                          sbi_labels, with_masks)
     index, count = process_shard(shard)
     ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_TripleBatch())
     return _to_iter(ds[index::count], num_workers, num_threads, prefetch)
@@ -315,7 +333,8 @@ def make_joint_train_dataset(source, joint_source, *, batch_size: int, joint_bat
                              seed: int, image_size: int, triples: bool = False,
                              augment_cfg=None, shard: bool = True, num_workers: int = 0,
                              num_threads: int = 2, prefetch: int = 4,
-                             sbi_labels: str = "zeros") -> grain.IterDataset:
+                             sbi_labels: str = "zeros",
+                             with_masks: bool = False) -> grain.IterDataset:
     """Infinite batches mixing two datasets in a fixed proportion (joint training, method.md 5).
 
     Every batch holds batch_size - joint_batch_size elements of ``source`` (has_seq 1: its
@@ -330,9 +349,10 @@ def make_joint_train_dataset(source, joint_source, *, batch_size: int, joint_bat
         raise ValueError(f"joint_batch_size must be in (0, {batch_size}), got {joint_batch_size}")
     cfg = augment_lib.as_config(augment_cfg)
     if triples:
-        elements = functools.partial(_triple_elements, sbi_labels=sbi_labels)
+        elements = functools.partial(_triple_elements, sbi_labels=sbi_labels,
+                                     with_masks=with_masks)
     else:
-        elements = _plain_elements
+        elements = functools.partial(_plain_elements, with_masks=with_masks)
     batch_fn = _TripleBatch() if triples else None
     main = elements(source, seed, image_size, cfg, True).batch(
         batch_size - joint_batch_size, drop_remainder=True, batch_fn=batch_fn)
@@ -352,17 +372,18 @@ class _ConcatBatches:
 
     def __call__(self, i: int) -> dict[str, np.ndarray]:
         a, b = self.first[i], self.second[i]
-        return {k: np.concatenate([a[k], b[k]]) for k in TRAIN_KEYS}
+        return {k: np.concatenate([a[k], b[k]]) for k in a}
 
 
-def _plain_elements(source, seed: int, image_size: int, cfg, has_seq: bool) -> grain.MapDataset:
+def _plain_elements(source, seed: int, image_size: int, cfg, has_seq: bool,
+                    with_masks: bool = False) -> grain.MapDataset:
     """Infinite shuffled single weakly augmented training images."""
     return (grain.MapDataset.source(source).seed(seed).shuffle().repeat()
-            .random_map(_AugmentExample(image_size, cfg, has_seq)))
+            .random_map(_AugmentExample(image_size, cfg, has_seq, with_masks)))
 
 
 def _triple_elements(source, seed: int, image_size: int, cfg, has_seq: bool,
-                     sbi_labels: str = "zeros") -> grain.MapDataset:
+                     sbi_labels: str = "zeros", with_masks: bool = False) -> grain.MapDataset:
     """Infinite shuffled training triples, each with a leading axis of 3 (see above)."""
     _, is_fake = _labels_and_fake(source)
     originals = np.flatnonzero(is_fake == 0)
@@ -372,7 +393,7 @@ def _triple_elements(source, seed: int, image_size: int, cfg, has_seq: bool,
                          f"{len(originals)} genuine and {len(fakes)} fake")
     return (grain.MapDataset.range(len(originals)).seed(seed).shuffle().repeat()
             .random_map(_TripleExample(source, originals, fakes, image_size, cfg, has_seq,
-                                       sbi_labels)))
+                                       sbi_labels, with_masks)))
 
 
 def eval_num_batches(num_examples: int, batch_size: int, shard: bool = True) -> int:
