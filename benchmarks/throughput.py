@@ -247,7 +247,8 @@ def variant_config(cfg, variant: Variant):
 
 
 def host_batch(batch: int, size: int, seed: int = 0) -> dict:
-    """A training batch as the pipeline yields it (contract keys and dtypes)."""
+    """A training batch as the pipeline yields it (contract keys and dtypes; no "mask", which
+    training batches leave out unless asked for)."""
     from cmil_jax import labels  # pylint: disable=import-outside-toplevel
 
     rng = np.random.default_rng(seed)
@@ -259,7 +260,6 @@ def host_batch(batch: int, size: int, seed: int = 0) -> dict:
         "image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
         "label": label,
         "is_fake": label.any(1).astype(np.int32),
-        "mask": np.zeros((batch, size, size), np.uint8),
         "has_seq": np.ones((batch,), np.float32),
     }
 
@@ -466,7 +466,7 @@ def torch_runners(cfg, args, batch_np, flax_vars, want):
     model = model.to(device, memory_format=torch.channels_last)
     opt, sched = tt.make_optimizer(model, cfg.train, TOTAL_STEPS)
     loss_kwargs = losses.loss_kwargs(cfg.loss)
-    batch = {k: torch.from_numpy(v).to(device) for k, v in batch_np.items() if k != "mask"}
+    batch = {k: torch.from_numpy(v).to(device) for k, v in batch_np.items()}
     compile_kwargs = {"mode": args.torch_compile_mode} if args.torch_compile_mode else {}
     ctx = {}
 
